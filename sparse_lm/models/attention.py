@@ -1,0 +1,99 @@
+"""Causal multi-head / grouped-query attention with RoPE and an optional fixed-size KV cache.
+
+Legend: B batch, L query length, S key length (cache capacity), D d_model, H query heads,
+K key/value heads, G = H / K queries per key head, Dh head dim.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from sparse_lm.models.config import RopeLayout
+from sparse_lm.models.layers import apply_rope, rope_angles
+
+
+class LayerCache(NamedTuple):
+    """Keys and values of one layer for positions [0, S); only [0, length) are valid."""
+
+    keys: Float[Array, "B S K Dh"]
+    values: Float[Array, "B S K Dh"]
+
+
+def causal_attention(
+    q: Float[Array, "B L H Dh"],
+    k: Float[Array, "B S K Dh"],
+    v: Float[Array, "B S K Dh"],
+    q_positions: Int[Array, "B L"],
+    k_positions: Int[Array, " S"],
+) -> Float[Array, "B L H Dh"]:
+    """Softmax attention where query i sees keys at positions <= its own (computed in float32)."""
+    batch, length, n_heads, head_dim = q.shape
+    n_kv = k.shape[2]
+    q = q.reshape(batch, length, n_kv, n_heads // n_kv, head_dim)
+    scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(
+        jnp.float32(head_dim)
+    )
+    visible = k_positions[None, None, None, None, :] <= q_positions[:, None, None, :, None]
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
+    return out.reshape(batch, length, n_heads, head_dim)
+
+
+class Attention(nnx.Module):
+    """Projections stored [in, out]: wq [D, H*Dh], wk/wv [D, K*Dh], wo [H*Dh, D]."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        rope_base: float,
+        rope_layout: RopeLayout,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+    ):
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.rope_base, self.rope_layout = rope_base, rope_layout
+        init = nnx.initializers.normal(stddev=d_model**-0.5)
+        self.wq = nnx.Param(init(rngs.params(), (d_model, n_heads * head_dim), dtype))
+        self.wk = nnx.Param(init(rngs.params(), (d_model, n_kv_heads * head_dim), dtype))
+        self.wv = nnx.Param(init(rngs.params(), (d_model, n_kv_heads * head_dim), dtype))
+        self.wo = nnx.Param(
+            nnx.initializers.normal(stddev=(n_heads * head_dim) ** -0.5)(
+                rngs.params(), (n_heads * head_dim, d_model), dtype
+            )
+        )
+
+    def __call__(
+        self,
+        x: Float[Array, "B L D"],
+        positions: Int[Array, "B L"],
+        cache: LayerCache | None = None,
+        start: Int[Array, ""] | int = 0,
+    ) -> tuple[Float[Array, "B L D"], LayerCache | None]:
+        """Attends x to itself (no cache) or to the cache after writing x's keys at [start, start + L)."""
+        batch, length, _ = x.shape
+        q = (x @ self.wq[...]).reshape(batch, length, self.n_heads, self.head_dim)
+        k = (x @ self.wk[...]).reshape(batch, length, self.n_kv_heads, self.head_dim)
+        v = (x @ self.wv[...]).reshape(batch, length, self.n_kv_heads, self.head_dim)
+        cos, sin = rope_angles(positions, self.head_dim, self.rope_base)
+        q = apply_rope(q, cos, sin, self.rope_layout)
+        k = apply_rope(k, cos, sin, self.rope_layout)
+        if cache is None:
+            keys, values, k_positions = k, v, jnp.arange(length)
+        else:
+            index = (0, start, 0, 0)
+            keys = jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), index)
+            values = jax.lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype), index)
+            cache = LayerCache(keys, values)
+            k_positions = jnp.arange(keys.shape[1])
+        out = causal_attention(q, keys, values, positions, k_positions)
+        return out.reshape(batch, length, -1) @ self.wo[...], cache

@@ -1,0 +1,79 @@
+"""One FFN module for every activation pair (SwiGLU, ReGLU, dReLU, ReLU, ReLU^2), weights stored [F, D].
+
+All three matrices are stored with neurons as rows ([F, D]), so the active neurons of a sparse FFN are
+contiguous rows of W_gate, W_up and W_down alike. Legend: B batch, L length, D d_model, F d_ff.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from sparse_lm.models.config import Activation
+
+
+def activation_pair(
+    activation: Activation, gate: Float[Array, "... F"] | None, up: Float[Array, "... F"]
+) -> Float[Array, "... F"]:
+    """The FFN hidden activation a from the gate and up pre-activations."""
+    if activation is Activation.swiglu:
+        return jax.nn.silu(gate) * up
+    if activation is Activation.reglu:
+        return jax.nn.relu(gate) * up
+    if activation is Activation.drelu:
+        return jax.nn.relu(gate) * jax.nn.relu(up)
+    if activation is Activation.relu:
+        return jax.nn.relu(up)
+    if activation is Activation.relu2:
+        return jnp.square(jax.nn.relu(up))
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def apply_threshold(hidden: Float[Array, "... F"], threshold: float | None) -> Float[Array, "... F"]:
+    """Zeroes hidden activations with |a| <= threshold (no-op for None)."""
+    if threshold is None:
+        return hidden
+    return jnp.where(jnp.abs(hidden) > threshold, hidden, jnp.zeros_like(hidden))
+
+
+def ffn_hidden(
+    x: Float[Array, "... D"],
+    w_gate: Float[Array, "F D"] | None,
+    w_up: Float[Array, "F D"],
+    activation: Activation,
+    threshold: float | None = None,
+) -> Float[Array, "... F"]:
+    """Hidden activation a = act(x W_gate^T, x W_up^T), thresholded when a threshold is set."""
+    up = x @ w_up.T
+    gate = x @ w_gate.T if w_gate is not None else None
+    return apply_threshold(activation_pair(activation, gate, up), threshold)
+
+
+class FFN(nnx.Module):
+    """Feed-forward block y = a(x) W_down with a from `activation_pair`; W_down stored [F, D]."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        activation: Activation,
+        *,
+        threshold: float | None = None,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+    ):
+        init = nnx.initializers.normal(stddev=d_model**-0.5)
+        self.activation = activation
+        self.threshold = threshold
+        self.w_gate = nnx.Param(init(rngs.params(), (d_ff, d_model), dtype)) if activation.gated else None
+        self.w_up = nnx.Param(init(rngs.params(), (d_ff, d_model), dtype))
+        self.w_down = nnx.Param(nnx.initializers.normal(stddev=d_ff**-0.5)(rngs.params(), (d_ff, d_model), dtype))
+
+    def hidden(self, x: Float[Array, "... D"]) -> Float[Array, "... F"]:
+        w_gate = self.w_gate[...] if self.w_gate is not None else None
+        return ffn_hidden(x, w_gate, self.w_up[...], self.activation, self.threshold)
+
+    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+        return self.hidden(x) @ self.w_down[...]
