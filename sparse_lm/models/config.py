@@ -7,7 +7,10 @@ import enum
 
 
 class Activation(str, enum.Enum):
-    """FFN activation pair (member names are lower case so Hydra configs read `activation: drelu`): how the hidden activation a is formed from gate and up projections."""
+    """FFN activation pair: how the hidden activation a is formed from the gate and up projections.
+
+    Member names are lower case because OmegaConf validates enums by name (`activation: drelu`).
+    """
 
     swiglu = "swiglu"  # silu(gate) * up
     reglu = "reglu"  # relu(gate) * up (ReLU-fied SwiGLU)

@@ -24,7 +24,7 @@ SMOLLM2_135M = ModelConfig(
 )
 
 TINY = ModelConfig(
-    name="tiny", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=256
+    name="tiny", vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=256
 )
 
 # Paper-size shapes. They are built only with jax.eval_shape (never materialised on this machine).

@@ -1,0 +1,121 @@
+"""Maps checkpoint tensors (PyTorch [out, in] order) onto the NNX Transformer's parameters.
+
+GGUF and Hugging Face safetensors name tensors differently but store them alike; one table of slots per
+naming scheme places each tensor, transposing attention projections to [in, out] and W_down to [F, D].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparse_lm.models.config import ModelConfig, NormKind
+from sparse_lm.models.transformer import Transformer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message names the file and the tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Naming:
+    """Tensor-name templates of one checkpoint format ({i} is the layer index)."""
+
+    embed: str
+    final_norm: str
+    lm_head: str
+    attn_norm: str
+    ffn_norm: str
+    wq: str
+    wk: str
+    wv: str
+    wo: str
+    w_gate: str
+    w_up: str
+    w_down: str
+
+
+GGUF_NAMING = Naming(
+    embed="token_embd.weight", final_norm="output_norm.weight", lm_head="output.weight",
+    attn_norm="blk.{i}.attn_norm.weight", ffn_norm="blk.{i}.ffn_norm.weight",
+    wq="blk.{i}.attn_q.weight", wk="blk.{i}.attn_k.weight", wv="blk.{i}.attn_v.weight",
+    wo="blk.{i}.attn_output.weight", w_gate="blk.{i}.ffn_gate.weight", w_up="blk.{i}.ffn_up.weight",
+    w_down="blk.{i}.ffn_down.weight",
+)
+
+HF_LLAMA_NAMING = Naming(
+    embed="model.embed_tokens.weight", final_norm="model.norm.weight", lm_head="lm_head.weight",
+    attn_norm="model.layers.{i}.input_layernorm.weight", ffn_norm="model.layers.{i}.post_attention_layernorm.weight",
+    wq="model.layers.{i}.self_attn.q_proj.weight", wk="model.layers.{i}.self_attn.k_proj.weight",
+    wv="model.layers.{i}.self_attn.v_proj.weight", wo="model.layers.{i}.self_attn.o_proj.weight",
+    w_gate="model.layers.{i}.mlp.gate_proj.weight", w_up="model.layers.{i}.mlp.up_proj.weight",
+    w_down="model.layers.{i}.mlp.down_proj.weight",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """One checkpoint tensor: its name, its expected [out, in] shape, and whether it is transposed."""
+
+    name: str
+    file_shape: tuple[int, ...]
+    transpose: bool
+
+
+def tensor_slots(config: ModelConfig, naming: Naming) -> dict[tuple, Slot]:
+    """Parameter path in the NNX state -> checkpoint slot, for every parameter of `config`."""
+    if config.norm is not NormKind.rmsnorm:
+        raise CheckpointError(f"checkpoint loading supports RMSNorm models only, not {config.norm.value}")
+    c, n = config, naming
+    d, f, hd = c.d_model, c.d_ff, c.resolved_head_dim
+    slots = {("embed",): Slot(n.embed, (c.vocab_size, d), False)}
+    slots[("final_norm", "scale")] = Slot(n.final_norm, (d,), False)
+    if not c.tie_embeddings:
+        slots[("lm_head",)] = Slot(n.lm_head, (c.vocab_size, d), False)
+    for i in range(c.n_layers):
+        b = ("blocks", i)
+        slots[(*b, "attn_norm", "scale")] = Slot(n.attn_norm.format(i=i), (d,), False)
+        slots[(*b, "ffn_norm", "scale")] = Slot(n.ffn_norm.format(i=i), (d,), False)
+        slots[(*b, "attn", "wq")] = Slot(n.wq.format(i=i), (c.n_heads * hd, d), True)
+        slots[(*b, "attn", "wk")] = Slot(n.wk.format(i=i), (c.n_kv_heads * hd, d), True)
+        slots[(*b, "attn", "wv")] = Slot(n.wv.format(i=i), (c.n_kv_heads * hd, d), True)
+        slots[(*b, "attn", "wo")] = Slot(n.wo.format(i=i), (d, c.n_heads * hd), True)
+        if c.activation.gated:
+            slots[(*b, "ffn", "w_gate")] = Slot(n.w_gate.format(i=i), (f, d), False)
+        slots[(*b, "ffn", "w_up")] = Slot(n.w_up.format(i=i), (f, d), False)
+        slots[(*b, "ffn", "w_down")] = Slot(n.w_down.format(i=i), (d, f), True)
+    return slots
+
+
+def build_from_tensors(
+    config: ModelConfig,
+    naming: Naming,
+    get_tensor: Callable[[str], np.ndarray | None],
+    source: str,
+) -> Transformer:
+    """A Transformer whose parameters come from `get_tensor(name)` (float32 [out, in], None if absent)."""
+    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    slots = tensor_slots(config, naming)
+    unmapped = sorted(set(flat) - set(slots), key=str)
+    if unmapped:
+        raise CheckpointError(f"{source}: no tensor maps to model parameters {unmapped[:4]}")
+    for key, slot in slots.items():
+        array = get_tensor(slot.name)
+        if array is None:
+            raise CheckpointError(f"{source}: tensor {slot.name!r} is missing")
+        if array.shape != slot.file_shape:
+            raise CheckpointError(
+                f"{source}: tensor {slot.name!r} has shape {tuple(array.shape)}, the config "
+                f"({config.name}) expects {slot.file_shape}"
+            )
+        array = np.asarray(array, np.float32)
+        flat[key].set_value(jnp.asarray(array.T if slot.transpose else array))
+    nnx.update(model, nnx.from_flat_state(flat))
+    assert not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(model)))
+    return model
