@@ -1,0 +1,148 @@
+"""Redraws every figure from the result files in results/*.json (no model code runs here).
+
+Usage: `python analysis/make_figures.py [--results-dir results] [--out-dir docs/figures]`.
+
+Each result whose name has a registered drawing function gets `<out-dir>/<name>.png` and `.pdf`;
+`python -m sparse_lm.results render` then links the PNGs from docs/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+from matplotlib.figure import Figure
+
+from sparse_lm.results import load_results
+from sparse_lm.utils.machine import describe_machine
+
+matplotlib.use("Agg")  # files only, never a window
+
+RESULTS_DIR = "results"
+FIGURES_DIR = "docs/figures"
+
+DrawFn = Callable[[dict[str, Any], Path], list[Path]]
+FIGURES: dict[str, DrawFn] = {}
+
+
+def register(name: str) -> Callable[[DrawFn], DrawFn]:
+    """Registers a drawing function for the result `name` and for `name_*` / `name-*` variants of it."""
+
+    def decorator(draw: DrawFn) -> DrawFn:
+        if name in FIGURES:
+            raise ValueError(f"a figure for {name!r} is already registered")
+        FIGURES[name] = draw
+        return draw
+
+    return decorator
+
+
+def find_figure(result_name: str) -> DrawFn | None:
+    """The drawing function registered for `result_name`, or for the longest registered prefix of it."""
+    for name in sorted(FIGURES, key=len, reverse=True):
+        if result_name == name or result_name.startswith((f"{name}_", f"{name}-")):
+            return FIGURES[name]
+    return None
+
+
+def save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
+    """Writes `fig` as `<stem>.png` and `<stem>.pdf`, without timestamps so reruns give identical files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png, pdf = out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"
+    fig.savefig(png, dpi=150, metadata={"Software": None})
+    fig.savefig(pdf, metadata={"CreationDate": None})
+    return [png, pdf]
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+DECODE_BARS = (
+    # (metric, label, required)
+    ("bandwidth_floor_tokens_per_s", "memory-bandwidth bound", True),
+    ("sparse_lm_tokens_per_s", "sparse_lm", True),
+    ("llama_cpp_f32_tokens_per_s", "llama.cpp f32 (measured here)", False),
+    ("llama_cpp_f32_paper_tokens_per_s", "llama.cpp f32 (paper)", False),
+)
+_DECODE_COLORS = {
+    "bandwidth_floor_tokens_per_s": "0.75",
+    "sparse_lm_tokens_per_s": "tab:blue",
+    "llama_cpp_f32_tokens_per_s": "tab:orange",
+    "llama_cpp_f32_paper_tokens_per_s": "tab:green",
+}
+
+
+def decode_benchmark_bars(metrics: Mapping[str, Any]) -> list[tuple[str, str, float]]:
+    """(metric, label, tokens/s) per bar of the decode figure, top to bottom; optional bars if present."""
+    bars = []
+    for metric, label, required in DECODE_BARS:
+        value = metrics.get(metric)
+        if value is None:
+            if required:
+                raise ValueError(f"decode_benchmark: metrics lacks {metric!r}")
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"decode_benchmark: {metric}={value!r} is not a finite number")
+        bars.append((metric, label, float(value)))
+    return bars
+
+
+@register("decode_benchmark")
+def draw_decode_benchmark(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Horizontal bars of decode throughput (tokens/s): sparse_lm against its bound and llama.cpp."""
+    bars = decode_benchmark_bars(result["metrics"])
+    model = result["metrics"].get("model")
+    fig = Figure(figsize=(7, 0.6 * len(bars) + 1.6), layout="constrained")
+    ax = fig.add_subplot()
+    positions = range(len(bars))
+    drawn = ax.barh(
+        positions,
+        [value for _, _, value in bars],
+        color=[_DECODE_COLORS[metric] for metric, _, _ in bars],
+        hatch=["//" if metric == "bandwidth_floor_tokens_per_s" else "" for metric, _, _ in bars],
+        edgecolor="0.3",
+    )
+    ax.bar_label(drawn, labels=[f"{value:.3g}" for _, _, value in bars], padding=3)
+    ax.set_yticks(list(positions), [label for _, label, _ in bars])
+    ax.invert_yaxis()  # first bar on top
+    ax.set_xlim(0, 1.15 * max(value for _, _, value in bars))
+    ax.set_xlabel("decode throughput (tokens/s, higher is better)")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.suptitle(f"Decode throughput: {model}" if model else "Decode throughput")
+    if result.get("machine"):
+        fig.supxlabel(describe_machine(result["machine"]), fontsize=7, color="0.4")
+    return save(fig, out_dir, result["name"])
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def make_figures(results_dir: str | Path = RESULTS_DIR, out_dir: str | Path = FIGURES_DIR) -> list[Path]:
+    """Draws the figure of every result that has one; prints one line per result."""
+    written = []
+    for result in load_results(results_dir):
+        draw = find_figure(result["name"])
+        if draw is None:
+            print(f"skip {result['name']}: no figure registered")
+            continue
+        paths = draw(result, Path(out_dir))
+        print(f"{result['name']}: wrote {', '.join(str(p) for p in paths)}")
+        written += paths
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results-dir", default=RESULTS_DIR, help="folder of result JSON files")
+    parser.add_argument("--out-dir", default=FIGURES_DIR, help="folder for the PNG and PDF figures")
+    args = parser.parse_args(argv)
+    make_figures(args.results_dir, args.out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
