@@ -1,7 +1,7 @@
 """Loads LLaMA-architecture GGUF files: config, f32-dequantised weights and the tokenizer.
 
-GGUF stores matrices in PyTorch's [out, in] order. Attention projections become [in, out]; the FFN keeps
-neurons as rows: W_gate and W_up are already [F, D], W_down ([D, F] in the file) is transposed to [F, D].
+GGUF stores matrices in PyTorch's [out, in] order, which the model keeps (see `weights.py`), except that
+W_down ([D, F] in the file) is transposed to [F, D] so active neurons are rows of all three FFN matrices.
 llama.cpp's converter permutes the Q and K rows of each head so RoPE must use interleaved pairs.
 """
 

@@ -86,7 +86,10 @@ def save_safetensors(model: Transformer, path: str | os.PathLike) -> Path:
     tensors = {}
     for key, slot in tensor_slots(model.config, HF_LLAMA_NAMING).items():
         array = np.asarray(flat[key].get_value(), np.float32)
-        tensors[slot.name] = np.ascontiguousarray(array.T if slot.transpose else array)
+        array = array.T if slot.transpose else array
+        offsets = np.cumsum([shape[0] for shape in slot.file_shapes])[:-1]
+        for name, part in zip(slot.names, np.split(array, offsets, axis=0), strict=True):
+            tensors[name] = np.ascontiguousarray(part)
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.numpy.save_file(tensors, str(path))
     return path

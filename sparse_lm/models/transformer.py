@@ -64,7 +64,9 @@ class Transformer(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.config = config
         c = config
-        self.embed = nnx.Param(nnx.initializers.normal(stddev=1.0)(rngs.params(), (c.vocab_size, c.d_model), dtype))
+        self.embed = nnx.Param(
+            nnx.initializers.normal(stddev=c.d_model**-0.5)(rngs.params(), (c.vocab_size, c.d_model), dtype)
+        )
         self.blocks = nnx.List([Block(c, i, rngs=rngs, dtype=dtype) for i in range(c.n_layers)])
         self.final_norm = Norm(c.d_model, c.norm, c.norm_eps, dtype)
         self.lm_head = (

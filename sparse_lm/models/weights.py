@@ -1,7 +1,8 @@
 """Maps checkpoint tensors (PyTorch [out, in] order) onto the NNX Transformer's parameters.
 
 GGUF and Hugging Face safetensors name tensors differently but store them alike; one table of slots per
-naming scheme places each tensor, transposing attention projections to [in, out] and W_down to [F, D].
+naming scheme places each tensor. The model keeps [out, in] too, except W_down, transposed to [F, D] so
+that a neuron's rows are contiguous in all three FFN matrices; Q, K and V are stacked into one wqkv.
 """
 
 from __future__ import annotations
@@ -60,11 +61,20 @@ HF_LLAMA_NAMING = Naming(
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
-    """One checkpoint tensor: its name, its expected [out, in] shape, and whether it is transposed."""
+    """Checkpoint tensors stacked along axis 0 into one parameter (optionally transposed afterwards).
 
-    name: str
-    file_shape: tuple[int, ...]
-    transpose: bool
+    Attributes:
+      names: tensor names, stacked in this order (one name for most parameters; Q, K, V for wqkv).
+      file_shapes: each tensor's expected shape in the file, [out, in].
+    """
+
+    names: tuple[str, ...]
+    file_shapes: tuple[tuple[int, ...], ...]
+    transpose: bool = False
+
+    @classmethod
+    def single(cls, name: str, file_shape: tuple[int, ...], transpose: bool = False) -> Slot:
+        return cls((name,), (file_shape,), transpose)
 
 
 def tensor_slots(config: ModelConfig, naming: Naming) -> dict[tuple, Slot]:
@@ -73,22 +83,23 @@ def tensor_slots(config: ModelConfig, naming: Naming) -> dict[tuple, Slot]:
         raise CheckpointError(f"checkpoint loading supports RMSNorm models only, not {config.norm.value}")
     c, n = config, naming
     d, f, hd = c.d_model, c.d_ff, c.resolved_head_dim
-    slots = {("embed",): Slot(n.embed, (c.vocab_size, d), False)}
-    slots[("final_norm", "scale")] = Slot(n.final_norm, (d,), False)
+    slots = {("embed",): Slot.single(n.embed, (c.vocab_size, d))}
+    slots[("final_norm", "scale")] = Slot.single(n.final_norm, (d,))
     if not c.tie_embeddings:
-        slots[("lm_head",)] = Slot(n.lm_head, (c.vocab_size, d), False)
+        slots[("lm_head",)] = Slot.single(n.lm_head, (c.vocab_size, d))
+    q_rows, kv_rows = c.n_heads * hd, c.n_kv_heads * hd
     for i in range(c.n_layers):
         b = ("blocks", i)
-        slots[(*b, "attn_norm", "scale")] = Slot(n.attn_norm.format(i=i), (d,), False)
-        slots[(*b, "ffn_norm", "scale")] = Slot(n.ffn_norm.format(i=i), (d,), False)
-        slots[(*b, "attn", "wq")] = Slot(n.wq.format(i=i), (c.n_heads * hd, d), True)
-        slots[(*b, "attn", "wk")] = Slot(n.wk.format(i=i), (c.n_kv_heads * hd, d), True)
-        slots[(*b, "attn", "wv")] = Slot(n.wv.format(i=i), (c.n_kv_heads * hd, d), True)
-        slots[(*b, "attn", "wo")] = Slot(n.wo.format(i=i), (d, c.n_heads * hd), True)
+        slots[(*b, "attn_norm", "scale")] = Slot.single(n.attn_norm.format(i=i), (d,))
+        slots[(*b, "ffn_norm", "scale")] = Slot.single(n.ffn_norm.format(i=i), (d,))
+        slots[(*b, "attn", "wqkv")] = Slot(
+            (n.wq.format(i=i), n.wk.format(i=i), n.wv.format(i=i)), ((q_rows, d), (kv_rows, d), (kv_rows, d))
+        )
+        slots[(*b, "attn", "wo")] = Slot.single(n.wo.format(i=i), (d, q_rows))
         if c.activation.gated:
-            slots[(*b, "ffn", "w_gate")] = Slot(n.w_gate.format(i=i), (f, d), False)
-        slots[(*b, "ffn", "w_up")] = Slot(n.w_up.format(i=i), (f, d), False)
-        slots[(*b, "ffn", "w_down")] = Slot(n.w_down.format(i=i), (d, f), True)
+            slots[(*b, "ffn", "w_gate")] = Slot.single(n.w_gate.format(i=i), (f, d))
+        slots[(*b, "ffn", "w_up")] = Slot.single(n.w_up.format(i=i), (f, d))
+        slots[(*b, "ffn", "w_down")] = Slot.single(n.w_down.format(i=i), (d, f), transpose=True)
     return slots
 
 
@@ -106,15 +117,18 @@ def build_from_tensors(
     if unmapped:
         raise CheckpointError(f"{source}: no tensor maps to model parameters {unmapped[:4]}")
     for key, slot in slots.items():
-        array = get_tensor(slot.name)
-        if array is None:
-            raise CheckpointError(f"{source}: tensor {slot.name!r} is missing")
-        if array.shape != slot.file_shape:
-            raise CheckpointError(
-                f"{source}: tensor {slot.name!r} has shape {tuple(array.shape)}, the config "
-                f"({config.name}) expects {slot.file_shape}"
-            )
-        array = np.asarray(array, np.float32)
+        parts = []
+        for name, file_shape in zip(slot.names, slot.file_shapes, strict=True):
+            array = get_tensor(name)
+            if array is None:
+                raise CheckpointError(f"{source}: tensor {name!r} is missing")
+            if tuple(array.shape) != file_shape:
+                raise CheckpointError(
+                    f"{source}: tensor {name!r} has shape {tuple(array.shape)}, the config "
+                    f"({config.name}) expects {file_shape}"
+                )
+            parts.append(np.asarray(array, np.float32))
+        array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         flat[key].set_value(jnp.asarray(array.T if slot.transpose else array))
     nnx.update(model, nnx.from_flat_state(flat))
     assert not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(model)))

@@ -1,0 +1,35 @@
+"""Registers the library's config dataclasses in Hydra's ConfigStore as schemas of `conf/*.yaml`.
+
+With a schema, Hydra rejects a misspelled key or a mistyped value while composing, before any compute.
+"""
+
+from __future__ import annotations
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from sparse_lm.eval.run import EvalRunConfig
+
+
+def schema(dataclass_type: type) -> DictConfig:
+    """A structured config of a frozen dataclass that Hydra may still merge overrides into.
+
+    OmegaConf marks frozen dataclasses read-only, which would refuse every override; the dataclass
+    itself is frozen again when `OmegaConf.to_object` builds it.
+    """
+    node = OmegaConf.structured(dataclass_type)
+    _clear_readonly(node)
+    return node
+
+
+def _clear_readonly(node: DictConfig) -> None:
+    OmegaConf.set_readonly(node, False)
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            _clear_readonly(child)
+
+
+def register() -> None:
+    store = ConfigStore.instance()
+    store.store(name="eval_schema", node=schema(EvalRunConfig))
