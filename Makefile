@@ -28,7 +28,7 @@ lint: setup
 	$(PY) -m ruff check sparse_lm kernels_pallas experiments analysis tests scripts
 
 bench: setup
-	$(BENCH_ENV) $(PY) experiments/bench_decode.py
+	$(BENCH_ENV) $(PY) experiments/bench_decode.py record_as=decode_benchmark
 
 results: setup
 	$(PY) -m sparse_lm.results render

@@ -8,6 +8,7 @@ from __future__ import annotations
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from sparse_lm.bench.decode import DecodeBenchConfig
 from sparse_lm.eval.run import EvalRunConfig
 
 
@@ -33,3 +34,4 @@ def _clear_readonly(node: DictConfig) -> None:
 def register() -> None:
     store = ConfigStore.instance()
     store.store(name="eval_schema", node=schema(EvalRunConfig))
+    store.store(name="bench_decode_schema", node=schema(DecodeBenchConfig))

@@ -11,6 +11,7 @@ from sparse_lm.data import DataConfig, EmptyCorpusError, split_tokens
 from sparse_lm.eval.generate import Generator, SamplingConfig, prompt_bucket
 from sparse_lm.eval.perplexity import perplexity
 from sparse_lm.models.loading import ModelSpec, build_model
+from sparse_lm.results import current_command, write_result
 from sparse_lm.tracking import TrackerConfig, make_tracker
 from sparse_lm.tracking.base import to_jsonable
 from sparse_lm.utils.io import atomic_write_json
@@ -65,6 +66,8 @@ class EvalRunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     tracker: TrackerConfig = dataclasses.field(default_factory=TrackerConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    record_as: str | None = None  # also write results/<record_as>.json (rendered into docs/RESULTS.md)
+    results_dir: str = "results"
 
 
 def write_run_files(run_dir: Path, config: Any, summary: dict[str, Any]) -> None:
@@ -119,4 +122,15 @@ def run(cfg: EvalRunConfig, run_dir: str | Path) -> dict[str, Any]:
             )
         tracker.log_summary(summary)
         atomic_write_json(run_dir / SUMMARY_FILE, to_jsonable(summary))
+    if cfg.record_as:
+        write_result(
+            cfg.record_as,
+            summary,
+            command=current_command(),
+            title=f"Perplexity of {summary['model']} on {summary['corpus']}/{summary['split']} "
+            f"(context {summary['context']})",
+            notes="Mean NLL over every predicted token of the split; perplexity = exp(nll). "
+            "Tokens/s figures are from the same run on this machine (f32, CPU).",
+            results_dir=cfg.results_dir,
+        )
     return summary

@@ -1,0 +1,27 @@
+"""Dense decode benchmark: `python experiments/bench_decode.py record_as=decode_benchmark`."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from experiments.common import run_entry
+from experiments.schemas import register
+from sparse_lm.bench.decode import run
+
+register()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench_decode")
+def main(cfg: DictConfig) -> None:
+    s = run_entry(cfg, run)
+    print(
+        f"{s['model']} decode: {s['sparse_lm_tokens_per_s']:.1f} tok/s (runs {s['sparse_lm_tokens_per_s_runs']}); "
+        f"floor {s['bandwidth_floor_tokens_per_s']:.1f} tok/s = {s['read_bandwidth_gb_per_s']:.1f} GB/s / "
+        f"{s['weight_bytes_per_token'] / 1e6:.0f} MB; {100 * s['fraction_of_floor']:.0f}% of floor; "
+        f"llama.cpp F32 (ANCHORS.md) {s['llama_cpp_f32_paper_tokens_per_s']:.1f} tok/s"
+    )
+
+
+if __name__ == "__main__":
+    main()

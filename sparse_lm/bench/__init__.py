@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): speed measured side by side in one run, with the physical floor beside it."""

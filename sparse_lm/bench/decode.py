@@ -1,0 +1,104 @@
+"""Dense batch-1 decode speed of a model against the memory-bandwidth floor, measured in one run.
+
+Every decoded token reads all weights once (the tied embedding as the output head; the lookup row is
+negligible), so tokens/s can be no higher than bandwidth / weight bytes. Bandwidth is measured before and
+after the decode runs, in the same process, and the best of the two is the floor's denominator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+
+from sparse_lm.bench.bandwidth import measure_read_bandwidth
+from sparse_lm.eval.generate import Generator, prompt_bucket
+from sparse_lm.models.loading import ModelSpec, build_model
+from sparse_lm.results import current_command, write_result
+from sparse_lm.tracking.base import to_jsonable
+from sparse_lm.utils.io import atomic_write_json
+
+# llama.cpp (CPU build, -march=native), SmolLM2-135M F32, 2 threads, 128 tokens, measured on this machine
+# type and recorded in shared/ANCHORS.md. Reported beside ours as a reference, not as our measurement.
+LLAMA_CPP_F32_ANCHOR_TOKENS_PER_S = 43.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBenchConfig:
+    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+    prompt: str = "The capital of France is"
+    new_tokens: int = 128
+    repeats: int = 3
+    bandwidth_bytes: int = 1 << 30
+    record_as: str | None = None
+    results_dir: str = "results"
+
+    def __post_init__(self):
+        if self.new_tokens < 2:
+            raise ValueError(f"new_tokens must be >= 2, got {self.new_tokens}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        if self.bandwidth_bytes < 1 << 20:
+            raise ValueError(f"bandwidth_bytes must be >= 1 MiB, got {self.bandwidth_bytes}")
+
+
+def weight_bytes(model: nnx.Module) -> int:
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def run(cfg: DecodeBenchConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Measures decode tokens/s (median of `repeats` runs) and the bandwidth floor; writes summary.json."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", to_jsonable(cfg))
+    model, tokenizer = build_model(cfg.model)
+    prompt = tokenizer.encode(cfg.prompt)
+    generator = Generator(model, capacity=prompt_bucket(len(prompt)) + cfg.new_tokens)
+    bandwidth_before = measure_read_bandwidth(cfg.bandwidth_bytes)
+    runs = [generator.generate(prompt, cfg.new_tokens) for _ in range(cfg.repeats)]
+    bandwidth_after = measure_read_bandwidth(cfg.bandwidth_bytes)
+    bandwidth = max(bandwidth_before, bandwidth_after)
+    n_bytes = weight_bytes(model)
+    decode = statistics.median(r.decode_tokens_per_s for r in runs)
+    floor = bandwidth / n_bytes
+    summary = {
+        "model": model.config.name,
+        "dtype": "float32",
+        "batch": 1,
+        "threads_available": len(os.sched_getaffinity(0)),
+        "new_tokens": cfg.new_tokens,
+        "repeats": cfg.repeats,
+        "sparse_lm_tokens_per_s": decode,
+        "sparse_lm_tokens_per_s_runs": ", ".join(f"{r.decode_tokens_per_s:.2f}" for r in runs),
+        "prefill_tokens_per_s": statistics.median(r.prefill_tokens_per_s for r in runs),
+        "weight_bytes_per_token": n_bytes,
+        "read_bandwidth_gb_per_s": bandwidth / 1e9,
+        "read_bandwidth_before_gb_per_s": bandwidth_before / 1e9,
+        "read_bandwidth_after_gb_per_s": bandwidth_after / 1e9,
+        "bandwidth_floor_tokens_per_s": floor,
+        "fraction_of_floor": decode / floor,
+        "llama_cpp_f32_paper_tokens_per_s": LLAMA_CPP_F32_ANCHOR_TOKENS_PER_S,
+        "ratio_to_llama_cpp_anchor": decode / LLAMA_CPP_F32_ANCHOR_TOKENS_PER_S,
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    if cfg.record_as:
+        write_result(
+            cfg.record_as,
+            summary,
+            command=current_command(),
+            title=f"Dense decode speed of {summary['model']} (f32, batch 1, CPU)",
+            notes=(
+                "Decode tokens/s is the median over runs of greedy generation through the jitted KV-cache "
+                "step, compile and warm-up excluded. The floor is the read bandwidth measured in the same "
+                "process (jitted sum over 1 GiB, best of before/after) divided by the weight bytes read per "
+                "token. llama.cpp's 43 tok/s is the number recorded for this machine in shared/ANCHORS.md, "
+                "not measured in this run."
+            ),
+            results_dir=cfg.results_dir,
+        )
+    return summary
