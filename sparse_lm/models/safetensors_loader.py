@@ -57,14 +57,16 @@ def load_safetensors(path: str | os.PathLike, config: ModelConfig | None = None)
 
     Args:
       path: the `.safetensors` file.
-      config: the model's config; None reads `config.json` beside the file. It must use the half-split RoPE
-        layout, since HF checkpoints are not permuted the way GGUF files are.
+      config: the model's config; None reads `config.json` beside the file. Its RoPE layout is set to
+        half-split, since HF checkpoints are not permuted the way GGUF files are.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"safetensors file not found: {path}")
     if config is None:
         config = config_from_hf_json(path.with_name("config.json"))
+    # Hugging Face checkpoints keep Q/K rows unpermuted: the half-split layout, whatever the preset says.
+    config = config.replace(rope_layout=RopeLayout.half_split)
     try:
         with safetensors.safe_open(path, framework="numpy") as f:
             names = set(f.keys())

@@ -59,26 +59,26 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Token embedding [V, D], blocks, final norm, output head (the embedding itself when tied)."""
+    """Embedding, blocks, final norm and output head.
+
+    The output head `unembed` is stored [D, V] (x @ W, the layout XLA's CPU dot reads without copying).
+    A tied model has no separate input embedding: it looks tokens up as columns of `unembed`; an untied one
+    also holds `embed` [V, D].
+    """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.config = config
         c = config
-        self.embed = nnx.Param(
-            nnx.initializers.normal(stddev=c.d_model**-0.5)(rngs.params(), (c.vocab_size, c.d_model), dtype)
-        )
+        init = nnx.initializers.normal(stddev=c.d_model**-0.5)
+        self.embed = None if c.tie_embeddings else nnx.Param(init(rngs.params(), (c.vocab_size, c.d_model), dtype))
         self.blocks = nnx.List([Block(c, i, rngs=rngs, dtype=dtype) for i in range(c.n_layers)])
         self.final_norm = Norm(c.d_model, c.norm, c.norm_eps, dtype)
-        self.lm_head = (
-            None
-            if c.tie_embeddings
-            else nnx.Param(
-                nnx.initializers.normal(stddev=c.d_model**-0.5)(rngs.params(), (c.vocab_size, c.d_model), dtype)
-            )
-        )
+        self.unembed = nnx.Param(init(rngs.params(), (c.d_model, c.vocab_size), dtype))
 
-    def output_weights(self) -> Float[Array, "V D"]:
-        return self.embed[...] if self.lm_head is None else self.lm_head[...]
+    def embed_tokens(self, tokens: Int[Array, "B L"]) -> Float[Array, "B L D"]:
+        if self.embed is not None:
+            return jnp.take(self.embed[...], tokens, axis=0)
+        return jnp.moveaxis(jnp.take(self.unembed[...], tokens, axis=1), 0, -1)
 
     def __call__(
         self, tokens: Int[Array, "B L"], cache: KVCache | None = None
@@ -87,12 +87,12 @@ class Transformer(nnx.Module):
         batch, length = tokens.shape
         start = jnp.zeros((), jnp.int32) if cache is None else cache.length
         positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
-        x = jnp.take(self.embed[...], tokens, axis=0)
+        x = self.embed_tokens(tokens)
         new_layers = []
         for i, block in enumerate(self.blocks):
             x, layer_cache = block(x, positions, None if cache is None else cache.layers[i], start)
             new_layers.append(layer_cache)
-        logits = self.final_norm(x) @ self.output_weights().T
+        logits = self.final_norm(x) @ self.unembed[...]
         if cache is not None:
             cache = KVCache(tuple(new_layers), cache.length + length)
         return logits, cache

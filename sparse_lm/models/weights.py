@@ -1,8 +1,8 @@
 """Maps checkpoint tensors (PyTorch [out, in] order) onto the NNX Transformer's parameters.
 
 GGUF and Hugging Face safetensors name tensors differently but store them alike; one table of slots per
-naming scheme places each tensor. The model keeps [out, in] too, except W_down, transposed to [F, D] so
-that a neuron's rows are contiguous in all three FFN matrices; Q, K and V are stacked into one wqkv.
+naming scheme places each tensor. The model stores every matrix [in, out], so each is transposed; Q, K
+and V are stacked into one wqkv. W_down thereby becomes [F, D], a neuron per row.
 """
 
 from __future__ import annotations
@@ -83,22 +83,26 @@ def tensor_slots(config: ModelConfig, naming: Naming) -> dict[tuple, Slot]:
         raise CheckpointError(f"checkpoint loading supports RMSNorm models only, not {config.norm.value}")
     c, n = config, naming
     d, f, hd = c.d_model, c.d_ff, c.resolved_head_dim
-    slots = {("embed",): Slot.single(n.embed, (c.vocab_size, d))}
-    slots[("final_norm", "scale")] = Slot.single(n.final_norm, (d,))
-    if not c.tie_embeddings:
-        slots[("lm_head",)] = Slot.single(n.lm_head, (c.vocab_size, d))
+    slots = {("final_norm", "scale"): Slot.single(n.final_norm, (d,))}
+    if c.tie_embeddings:
+        slots[("unembed",)] = Slot.single(n.embed, (c.vocab_size, d), transpose=True)
+    else:
+        slots[("embed",)] = Slot.single(n.embed, (c.vocab_size, d))
+        slots[("unembed",)] = Slot.single(n.lm_head, (c.vocab_size, d), transpose=True)
     q_rows, kv_rows = c.n_heads * hd, c.n_kv_heads * hd
     for i in range(c.n_layers):
         b = ("blocks", i)
         slots[(*b, "attn_norm", "scale")] = Slot.single(n.attn_norm.format(i=i), (d,))
         slots[(*b, "ffn_norm", "scale")] = Slot.single(n.ffn_norm.format(i=i), (d,))
         slots[(*b, "attn", "wqkv")] = Slot(
-            (n.wq.format(i=i), n.wk.format(i=i), n.wv.format(i=i)), ((q_rows, d), (kv_rows, d), (kv_rows, d))
+            (n.wq.format(i=i), n.wk.format(i=i), n.wv.format(i=i)),
+            ((q_rows, d), (kv_rows, d), (kv_rows, d)),
+            transpose=True,
         )
-        slots[(*b, "attn", "wo")] = Slot.single(n.wo.format(i=i), (d, q_rows))
+        slots[(*b, "attn", "wo")] = Slot.single(n.wo.format(i=i), (d, q_rows), transpose=True)
         if c.activation.gated:
-            slots[(*b, "ffn", "w_gate")] = Slot.single(n.w_gate.format(i=i), (f, d))
-        slots[(*b, "ffn", "w_up")] = Slot.single(n.w_up.format(i=i), (f, d))
+            slots[(*b, "ffn", "w_gate")] = Slot.single(n.w_gate.format(i=i), (f, d), transpose=True)
+        slots[(*b, "ffn", "w_up")] = Slot.single(n.w_up.format(i=i), (f, d), transpose=True)
         slots[(*b, "ffn", "w_down")] = Slot.single(n.w_down.format(i=i), (d, f), transpose=True)
     return slots
 
@@ -109,7 +113,20 @@ def build_from_tensors(
     get_tensor: Callable[[str], np.ndarray | None],
     source: str,
 ) -> Transformer:
-    """A Transformer whose parameters come from `get_tensor(name)` (float32 [out, in], None if absent)."""
+    """A Transformer whose parameters come from `get_tensor(name)` (float32 [out, in], None if absent).
+
+    A tied config refuses a checkpoint whose own output head differs from its embedding: loading it
+    would silently compute other logits than the checkpoint's.
+    """
+    if config.tie_embeddings:
+        head = get_tensor(naming.lm_head)
+        if head is not None:
+            embedding = get_tensor(naming.embed)
+            if embedding is None or head.shape != embedding.shape or not np.array_equal(head, embedding):
+                raise CheckpointError(
+                    f"{source}: tensor {naming.lm_head!r} is a separate output head, but the config "
+                    f"({config.name}) ties it to the embedding; use an untied config"
+                )
     model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     slots = tensor_slots(config, naming)

@@ -57,7 +57,7 @@ def test_threshold_zeroes_small_magnitudes():
 def test_ffn_matches_dense_formula_and_threshold_config():
     ffn = FFN(8, 16, Activation.reglu, threshold=0.05, rngs=nnx.Rngs(3))
     x = jax.random.normal(jax.random.key(0), (2, 8))
-    hidden = jax.nn.relu(x @ ffn.w_gate[...].T) * (x @ ffn.w_up[...].T)
+    hidden = jax.nn.relu(x @ ffn.w_gate[...]) * (x @ ffn.w_up[...])
     hidden = jnp.where(jnp.abs(hidden) > 0.05, hidden, 0.0)
     np.testing.assert_allclose(ffn(x), hidden @ ffn.w_down[...], rtol=1e-5, atol=1e-6)
     assert ffn.w_down.shape == (16, 8)  # neurons are rows

@@ -100,8 +100,9 @@ def test_logits_match_float64_reference(smollm2, reference):
 @pytest.mark.real_model
 def test_wrong_rope_layout_fails_the_reference(reference):
     """Guard: the half-split form on GGUF (permuted) weights still runs but must not pass."""
-    right_config = config_from_gguf(open_gguf(smollm2_gguf_path()))
-    assert right_config.rope_layout is RopeLayout.interleaved
-    wrong, _ = load_gguf(config=right_config.replace(rope_layout=RopeLayout.half_split))
+    assert config_from_gguf(open_gguf(smollm2_gguf_path())).rope_layout is RopeLayout.interleaved
+    wrong, _ = load_gguf()
+    for block in wrong.blocks:
+        block.attn.rope_layout = RopeLayout.half_split
     logits, _ = wrong(jnp.asarray([PROMPT_IDS]))
     assert relative_error(np.asarray(logits[0], np.float64), reference) > 100 * RELATIVE_TOLERANCE
