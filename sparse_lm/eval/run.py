@@ -123,14 +123,15 @@ def run(cfg: EvalRunConfig, run_dir: str | Path) -> dict[str, Any]:
         tracker.log_summary(summary)
         atomic_write_json(run_dir / SUMMARY_FILE, to_jsonable(summary))
     if cfg.record_as:
+        # Speeds are left out: a perplexity run is no benchmark (experiments/bench_decode.py is).
         write_result(
             cfg.record_as,
-            summary,
+            {key: value for key, value in summary.items() if not key.endswith("_per_s")},
             command=current_command(),
             title=f"Perplexity of {summary['model']} on {summary['corpus']}/{summary['split']} "
             f"(context {summary['context']})",
-            notes="Mean NLL over every predicted token of the split; perplexity = exp(nll). "
-            "Tokens/s figures are from the same run on this machine (f32, CPU).",
+            notes="Mean NLL over every predicted token of the split (windows of `context` tokens, each "
+            "scoring only tokens no earlier window scored); perplexity = exp(nll). f32 on CPU.",
             results_dir=cfg.results_dir,
         )
     return summary
