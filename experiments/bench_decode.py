@@ -19,6 +19,9 @@ def main(cfg: DictConfig) -> None:
         f"{s['model']} decode: {s['sparse_lm_tokens_per_s']:.1f} tok/s (runs {s['sparse_lm_tokens_per_s_runs']}); "
         f"floor {s['bandwidth_floor_tokens_per_s']:.1f} tok/s = {s['read_bandwidth_gb_per_s']:.1f} GB/s / "
         f"{s['weight_bytes_per_token'] / 1e6:.0f} MB; {100 * s['fraction_of_floor']:.0f}% of floor; "
+        f"matrix-vector products alone {s['matvec_only_tokens_per_s']:.1f} tok/s "
+        f"({s['matvec_only_gb_per_s']:.1f} GB/s), "
+        f"the rest {s['non_matvec_ms_per_token']:.1f} ms/token; "
         f"llama.cpp F32 (ANCHORS.md) {s['llama_cpp_f32_paper_tokens_per_s']:.1f} tok/s"
     )
 

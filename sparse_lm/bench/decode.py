@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from sparse_lm.bench.bandwidth import measure_read_bandwidth
@@ -51,6 +53,36 @@ def weight_bytes(model: nnx.Module) -> int:
     return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+def matvec_only_seconds(model: nnx.Module, repeats: int = 20) -> tuple[float, int]:
+    """Median time of one vector through every matrix a decode step multiplies by, and nothing else.
+
+    This isolates XLA's matrix-vector products (the bandwidth-bound part of decode) from attention,
+    norms and dispatch: the gap between it and the full step is the cost of everything else.
+
+    Returns:
+      (seconds per pass, bytes of the matrices read).
+    """
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    # every [in, out] matrix; an untied model's input embedding is only looked up, never multiplied
+    matrices = [value.get_value() for path, value in flat if value.get_value().ndim == 2 and path != ("embed",)]
+
+    @jax.jit
+    def chain(matrices):
+        scale = jnp.ones((), jnp.float32)
+        for w in matrices:  # each product waits for the previous one, as in the model
+            y = jnp.full((1, w.shape[0]), scale) @ w
+            scale = 1.0 + 0.0 * y[0, 0]
+        return scale
+
+    chain(matrices).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        chain(matrices).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), sum(int(w.size) * w.dtype.itemsize for w in matrices)
+
+
 def run(cfg: DecodeBenchConfig, run_dir: str | Path) -> dict[str, Any]:
     """Measures decode tokens/s (median of `repeats` runs) and the bandwidth floor; writes summary.json."""
     run_dir = Path(run_dir)
@@ -61,6 +93,7 @@ def run(cfg: DecodeBenchConfig, run_dir: str | Path) -> dict[str, Any]:
     generator = Generator(model, capacity=prompt_bucket(len(prompt)) + cfg.new_tokens)
     bandwidth_before = measure_read_bandwidth(cfg.bandwidth_bytes)
     runs = [generator.generate(prompt, cfg.new_tokens) for _ in range(cfg.repeats)]
+    matvec_seconds, matvec_bytes = matvec_only_seconds(model)
     bandwidth_after = measure_read_bandwidth(cfg.bandwidth_bytes)
     bandwidth = max(bandwidth_before, bandwidth_after)
     n_bytes = weight_bytes(model)
@@ -82,6 +115,9 @@ def run(cfg: DecodeBenchConfig, run_dir: str | Path) -> dict[str, Any]:
         "read_bandwidth_after_gb_per_s": bandwidth_after / 1e9,
         "bandwidth_floor_tokens_per_s": floor,
         "fraction_of_floor": decode / floor,
+        "matvec_only_tokens_per_s": 1.0 / matvec_seconds,
+        "matvec_only_gb_per_s": matvec_bytes / matvec_seconds / 1e9,
+        "non_matvec_ms_per_token": 1e3 * (1.0 / decode - matvec_seconds),
         "llama_cpp_f32_paper_tokens_per_s": LLAMA_CPP_F32_ANCHOR_TOKENS_PER_S,
         "ratio_to_llama_cpp_anchor": decode / LLAMA_CPP_F32_ANCHOR_TOKENS_PER_S,
     }
@@ -96,8 +132,10 @@ def run(cfg: DecodeBenchConfig, run_dir: str | Path) -> dict[str, Any]:
                 "Decode tokens/s is the median over runs of greedy generation through the jitted KV-cache "
                 "step, compile and warm-up excluded. The floor is the read bandwidth measured in the same "
                 "process (jitted sum over 1 GiB, best of before/after) divided by the weight bytes read per "
-                "token. llama.cpp's 43 tok/s is the number recorded for this machine in shared/ANCHORS.md, "
-                "not measured in this run."
+                "token. `matvec_only` times one vector through every weight matrix of a step and nothing "
+                "else (XLA's matrix-vector products alone); `non_matvec_ms_per_token` is the rest of the step "
+                "(attention over the cache, norms, RoPE, sampling, dispatch). llama.cpp's 43 tok/s is the "
+                "number recorded for this machine in shared/ANCHORS.md, not measured in this run."
             ),
             results_dir=cfg.results_dir,
         )
