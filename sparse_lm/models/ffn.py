@@ -9,12 +9,22 @@ Legend: B batch, L length, D d_model, F d_ff.
 
 from __future__ import annotations
 
+import enum
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
 from sparse_lm.models.config import Activation
+
+
+class CapturePoint(str, enum.Enum):
+    """Named FFN values a profiler can capture (off by default; a module with none set traces unchanged)."""
+
+    ffn_input = "ffn_input"  # x entering the FFN, after its norm: [B, L, D]
+    ffn_gate = "ffn_gate"  # gate pre-activation x W_gate (gated FFNs only): [B, L, F]
+    ffn_hidden = "ffn_hidden"  # hidden activation a, after any threshold: [B, L, F]
 
 
 def activation_pair(
@@ -74,10 +84,19 @@ class FFN(nnx.Module):
         self.w_gate = nnx.Param(init_in(rngs.params(), (d_model, d_ff), dtype)) if activation.gated else None
         self.w_up = nnx.Param(init_in(rngs.params(), (d_model, d_ff), dtype))
         self.w_down = nnx.Param(init_out(rngs.params(), (d_ff, d_model), dtype))
+        self.capture_points: frozenset[CapturePoint] = frozenset()
 
-    def hidden(self, x: Float[Array, "... D"]) -> Float[Array, "... F"]:
-        w_gate = self.w_gate[...] if self.w_gate is not None else None
-        return ffn_hidden(x, w_gate, self.w_up[...], self.activation, self.threshold)
+    def _capture(self, point: CapturePoint, value: Array) -> None:
+        # Python-level test: with nothing captured the traced program has no trace of this.
+        if point in self.capture_points:
+            self.sow(nnx.Intermediate, point.value, value)
 
     def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
-        return self.hidden(x) @ self.w_down[...]
+        self._capture(CapturePoint.ffn_input, x)
+        up = x @ self.w_up[...]
+        gate = x @ self.w_gate[...] if self.w_gate is not None else None
+        if gate is not None:
+            self._capture(CapturePoint.ffn_gate, gate)
+        hidden = apply_threshold(activation_pair(self.activation, gate, up), self.threshold)
+        self._capture(CapturePoint.ffn_hidden, hidden)
+        return hidden @ self.w_down[...]

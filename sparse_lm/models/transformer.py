@@ -80,10 +80,10 @@ class Transformer(nnx.Module):
             return jnp.take(self.embed[...], tokens, axis=0)
         return jnp.moveaxis(jnp.take(self.unembed[...], tokens, axis=1), 0, -1)
 
-    def __call__(
+    def forward_blocks(
         self, tokens: Int[Array, "B L"], cache: KVCache | None = None
-    ) -> tuple[Float[Array, "B L V"], KVCache | None]:
-        """Logits for every position; with a cache, tokens continue the cached sequence."""
+    ) -> tuple[Float[Array, "B L D"], KVCache | None]:
+        """The residual stream after the last block (before the final norm and the output head)."""
         batch, length = tokens.shape
         start = jnp.zeros((), jnp.int32) if cache is None else cache.length
         positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
@@ -92,10 +92,16 @@ class Transformer(nnx.Module):
         for i, block in enumerate(self.blocks):
             x, layer_cache = block(x, positions, None if cache is None else cache.layers[i], start)
             new_layers.append(layer_cache)
-        logits = self.final_norm(x) @ self.unembed[...]
         if cache is not None:
             cache = KVCache(tuple(new_layers), cache.length + length)
-        return logits, cache
+        return x, cache
+
+    def __call__(
+        self, tokens: Int[Array, "B L"], cache: KVCache | None = None
+    ) -> tuple[Float[Array, "B L V"], KVCache | None]:
+        """Logits for every position; with a cache, tokens continue the cached sequence."""
+        x, cache = self.forward_blocks(tokens, cache)
+        return self.final_norm(x) @ self.unembed[...], cache
 
 
 def count_params(model: nnx.Module) -> int:
