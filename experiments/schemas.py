@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sparse_lm.bench.decode import DecodeBenchConfig
 from sparse_lm.eval.run import EvalRunConfig
+from sparse_lm.profiling.run import ProfileRunConfig
 
 
 def schema(dataclass_type: type) -> DictConfig:
@@ -35,3 +36,4 @@ def register() -> None:
     store = ConfigStore.instance()
     store.store(name="eval_schema", node=schema(EvalRunConfig))
     store.store(name="bench_decode_schema", node=schema(DecodeBenchConfig))
+    store.store(name="profile_schema", node=schema(ProfileRunConfig))
