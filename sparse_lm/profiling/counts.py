@@ -33,6 +33,7 @@ class FiringCounts:
       tokens: tokens profiled.
       batches: batches profiled (the resume position).
       fingerprint: identifies the run (model, data, rule, thresholds) the counts belong to.
+      extra: counts [L, F] of further firing rules profiled in the same pass, by rule name.
     """
 
     counts: Int[np.ndarray, "L F"]
@@ -40,14 +41,19 @@ class FiringCounts:
     tokens: int = 0
     batches: int = 0
     fingerprint: str = ""
+    extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def zeros(cls, n_layers: int, d_ff: int, fingerprint: str = "") -> FiringCounts:
-        return cls(np.zeros((n_layers, d_ff), np.int64), np.zeros((n_layers, d_ff), np.float64), 0, 0, fingerprint)
+    def zeros(cls, n_layers: int, d_ff: int, fingerprint: str = "", extra_rules=()) -> FiringCounts:
+        shape = (n_layers, d_ff)
+        extra = {str(rule): np.zeros(shape, np.int64) for rule in extra_rules}
+        return cls(np.zeros(shape, np.int64), np.zeros(shape, np.float64), 0, 0, fingerprint, extra)
 
-    def add(self, counts: np.ndarray, abs_sum: np.ndarray, tokens: int) -> None:
+    def add(self, counts: np.ndarray, abs_sum: np.ndarray, tokens: int, extra: dict | None = None) -> None:
         self.counts += np.asarray(counts, np.int64)
         self.abs_sum += np.asarray(abs_sum, np.float64)
+        for name, value in (extra or {}).items():
+            self.extra[name] += np.asarray(value, np.int64)
         self.tokens += int(tokens)
         self.batches += 1
 
@@ -56,6 +62,7 @@ class FiringCounts:
         np.savez(
             buffer, counts=self.counts, abs_sum=self.abs_sum, tokens=np.int64(self.tokens),
             batches=np.int64(self.batches), fingerprint=np.str_(self.fingerprint), version=np.int64(FORMAT_VERSION),
+            **{f"extra_{name}": value for name, value in self.extra.items()},
         )
         return atomic_write_bytes(path, buffer.getvalue())
 
@@ -65,6 +72,7 @@ class FiringCounts:
         try:
             with np.load(path, allow_pickle=False) as data:
                 fields = {key: data[key] for key in _FIELDS}
+                extra = {key.removeprefix("extra_"): data[key] for key in data.files if key.startswith("extra_")}
         except FileNotFoundError:
             raise
         except Exception as e:  # zip/npy errors on a truncated or foreign file
@@ -77,4 +85,6 @@ class FiringCounts:
         tokens = int(fields["tokens"])
         if tokens < 0 or (counts < 0).any() or (counts > tokens).any():
             raise CountsFileError(f"{path}: counts outside [0, tokens={tokens}]")
-        return cls(counts, abs_sum, tokens, int(fields["batches"]), str(fields["fingerprint"]))
+        if any(value.shape != counts.shape for value in extra.values()):
+            raise CountsFileError(f"{path}: extra rule counts do not match counts {counts.shape}")
+        return cls(counts, abs_sum, tokens, int(fields["batches"]), str(fields["fingerprint"]), extra)

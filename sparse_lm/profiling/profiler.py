@@ -30,22 +30,28 @@ from sparse_lm.profiling.firing import FiringConfig, FiringRule, fire_mask
 log = logging.getLogger(__name__)
 
 
-def make_profile_step(model: Transformer, firing: FiringConfig) -> Callable:
-    """A jitted `step(state, tokens [B, S], thresholds [L]) -> (counts [L, F] int32, abs_sum [L, F] f32)`."""
-    set_capture(model, firing.rule.capture_points)
+def make_profile_step(model: Transformer, firing: FiringConfig, extra_rules: tuple[FiringRule, ...] = ()) -> Callable:
+    """A jitted `step(state, tokens [B, S], thresholds [L])` returning counts [L, F] int32, abs_sum [L, F] f32
+    and counts [E, L, F] of `extra_rules` (threshold-free rules; topk keeps the fraction `firing` sets)."""
+    rules = (firing.rule, *extra_rules)
+    set_capture(model, frozenset().union(*(rule.capture_points for rule in rules)))
     graphdef, _ = nnx.split(model)
-    k = firing.topk(model.config.d_ff) if firing.rule is FiringRule.topk else None
+    k = firing.topk(model.config.d_ff)
 
     @jax.jit
     def step(state, tokens: Int[jax.Array, "B S"], thresholds: Float[jax.Array, " L"]):
         _, captured = capture_forward(nnx.merge(graphdef, state), tokens)
-        counts, abs_sums = [], []
+        counts = [[] for _ in rules]
+        abs_sums = []
         for layer, hidden in enumerate(captured[CapturePoint.ffn_hidden]):
             gate = captured[CapturePoint.ffn_gate][layer] if CapturePoint.ffn_gate in captured else None
-            fired = fire_mask(firing.rule, hidden, gate=gate, threshold=thresholds[layer], k=k)
-            counts.append(jnp.sum(fired, axis=(0, 1), dtype=jnp.int32))
+            for index, rule in enumerate(rules):
+                fired = fire_mask(rule, hidden, gate=gate, threshold=thresholds[layer], k=k)
+                counts[index].append(jnp.sum(fired, axis=(0, 1), dtype=jnp.int32))
             abs_sums.append(jnp.sum(jnp.abs(hidden), axis=(0, 1), dtype=jnp.float32))
-        return jnp.stack(counts), jnp.stack(abs_sums)
+        stacked = [jnp.stack(per_layer) for per_layer in counts]
+        extra = jnp.stack(stacked[1:]) if extra_rules else jnp.zeros((0,), jnp.int32)
+        return stacked[0], jnp.stack(abs_sums), extra
 
     return step
 
@@ -62,6 +68,7 @@ def profile_sequences(
     fingerprint: str = "",
     progress: bool = True,
     stop_after_batches: int | None = None,
+    extra_rules: tuple[FiringRule, ...] = (),
 ) -> tuple[FiringCounts, float]:
     """Firing counts over `sequences` (rows in order, `batch_size` at a time; a last partial batch is dropped).
 
@@ -70,6 +77,7 @@ def profile_sequences(
       fingerprint: identifies the run; a checkpoint with another fingerprint is refused.
       stop_after_batches: stop (after checkpointing) once this many batches are done: simulates an
         interruption in tests.
+      extra_rules: threshold-free rules counted in the same pass (`FiringCounts.extra`).
 
     Returns:
       (counts, seconds spent in profiling steps of this call).
@@ -80,7 +88,8 @@ def profile_sequences(
     n_batches = len(sequences) // batch_size
     if n_batches == 0:
         raise ValueError(f"{len(sequences)} sequences make no batch of {batch_size}")
-    state = FiringCounts.zeros(n_layers, d_ff, fingerprint)
+    names = [rule.value for rule in extra_rules]
+    state = FiringCounts.zeros(n_layers, d_ff, fingerprint, names)
     if checkpoint is not None and checkpoint.exists():
         state = FiringCounts.load(checkpoint)
         if state.fingerprint != fingerprint:
@@ -89,7 +98,7 @@ def profile_sequences(
                 "use a fresh run directory"
             )
         log.info("resuming %s at batch %d of %d", checkpoint, state.batches, n_batches)
-    step = make_profile_step(model, firing)
+    step = make_profile_step(model, firing, extra_rules)
     params = nnx.state(model)
     device_thresholds = jnp.asarray(thresholds, jnp.float32)
     seconds = 0.0
@@ -97,11 +106,11 @@ def profile_sequences(
     for index in range(state.batches, n_batches):
         tokens = sequences[index * batch_size : (index + 1) * batch_size]
         start = time.perf_counter()
-        counts, abs_sum = step(params, tokens, device_thresholds)
-        counts, abs_sum = np.asarray(counts), np.asarray(abs_sum)
+        counts, abs_sum, extra = step(params, tokens, device_thresholds)
+        counts, abs_sum, extra = np.asarray(counts), np.asarray(abs_sum), np.asarray(extra)
         if index > 0:  # the first call includes compilation
             seconds += time.perf_counter() - start
-        state.add(counts, abs_sum, tokens.size)
+        state.add(counts, abs_sum, tokens.size, dict(zip(names, extra, strict=False)))
         bar.update(1)
         done = state.batches
         if checkpoint is not None and (done % checkpoint_every == 0 or done == n_batches):

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -19,7 +18,7 @@ from sparse_lm.models.loading import ModelSpec, build_model
 from sparse_lm.models.transformer import Transformer
 from sparse_lm.profiling import stats
 from sparse_lm.profiling.counts import FiringCounts
-from sparse_lm.profiling.firing import FiringConfig
+from sparse_lm.profiling.firing import FiringConfig, FiringRule
 from sparse_lm.profiling.powerlaw_fit import firing_frequency_samples, fit_power_law
 from sparse_lm.profiling.profiler import calibrate_thresholds, collect_abs_activations, profile_sequences
 from sparse_lm.results import current_command, write_result
@@ -47,9 +46,14 @@ class ProfileConfig:
     hot_fraction: float = 0.2
     bootstrap: int = 100
     speed_batches: int = 4
+    extra_rules: tuple[FiringRule, ...] = ()
     progress: bool = True
 
     def __post_init__(self):
+        rules = tuple(FiringRule(rule) for rule in self.extra_rules)
+        if FiringRule.magnitude in rules:
+            raise ValueError("profile.extra_rules cannot hold magnitude (it needs thresholds): make it firing.rule")
+        object.__setattr__(self, "extra_rules", rules)
         if self.compare_corpus is not None:
             object.__setattr__(self, "compare_corpus", Corpus(self.compare_corpus))
         for field in ("tokens", "seq_len", "batch_size", "checkpoint_every"):
@@ -111,7 +115,8 @@ def plain_forward_seconds(model: Transformer, sequences: np.ndarray, batch_size:
 
 def fingerprint(cfg: ProfileRunConfig, data: DataConfig, thresholds: np.ndarray) -> str:
     blob = json.dumps([to_jsonable(cfg.model), to_jsonable(data), to_jsonable(cfg.firing),
-                       cfg.profile.tokens, cfg.profile.seq_len, cfg.profile.batch_size, thresholds.tolist()])
+                       cfg.profile.tokens, cfg.profile.seq_len, cfg.profile.batch_size, thresholds.tolist(),
+                       [rule.value for rule in cfg.profile.extra_rules]])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -125,6 +130,10 @@ def domain_statistics(counts: FiringCounts, cfg: ProfileConfig) -> dict[str, Any
         "coverage80_per_layer": stats.coverage_per_layer(counts.counts, cfg.coverage_level).tolist(),
         "coverage80_model": stats.coverage_model(counts.counts, cfg.coverage_level),
         "gini_per_layer": [stats.gini(layer) for layer in counts.counts],
+        **{f"sparsity_per_layer_{name}": (1 - stats.firing_rate(extra, counts.tokens)).tolist()
+           for name, extra in counts.extra.items()},
+        **{f"sparsity_model_{name}": 1 - stats.model_firing_rate(extra, counts.tokens)
+           for name, extra in counts.extra.items()},
     }
 
 
@@ -167,6 +176,7 @@ def run(cfg: ProfileRunConfig, run_dir: str | Path) -> dict[str, Any]:
                 model, sequences, cfg.firing, thresholds, batch_size=cfg.profile.batch_size,
                 checkpoint=run_dir / f"counts_{name}.npz", checkpoint_every=cfg.profile.checkpoint_every,
                 fingerprint=fingerprint(cfg, domain, thresholds), progress=cfg.profile.progress,
+                extra_rules=cfg.profile.extra_rules,
             )
             all_counts.append(counts)
             domain_summary = domain_statistics(counts, cfg.profile)
@@ -176,9 +186,9 @@ def run(cfg: ProfileRunConfig, run_dir: str | Path) -> dict[str, Any]:
             summary[name] = domain_summary
             tracker.log({f"{name}/sparsity_model": domain_summary["sparsity_model"],
                          f"{name}/coverage80_model": domain_summary["coverage80_model"]})
-        total = FiringCounts.zeros(n_layers, model.config.d_ff)
+        total = FiringCounts.zeros(n_layers, model.config.d_ff, extra_rules=[r.value for r in cfg.profile.extra_rules])
         for counts in all_counts:
-            total.add(counts.counts, counts.abs_sum, counts.tokens)
+            total.add(counts.counts, counts.abs_sum, counts.tokens, counts.extra)
         total.save(run_dir / "counts_total.npz")
         summary.update(domain_statistics(total, cfg.profile))
         summary["corpora"] = [d.corpus.value for d in domains]
@@ -237,6 +247,9 @@ def layer_table(summary: dict[str, Any]) -> dict[str, Any]:
     for corpus in summary["corpora"]:
         columns.append(f"sparsity_{corpus}")
         per_layer.append(summary[corpus]["sparsity_per_layer"])
+    for key in sorted(k for k in summary if k.startswith("sparsity_per_layer_")):
+        columns.append(key.replace("sparsity_per_layer_", "sparsity_"))
+        per_layer.append(summary[key])
     if "hot_overlap_per_layer" in summary:
         columns.append("hot20_overlap")
         per_layer.append(summary["hot_overlap_per_layer"])
