@@ -204,7 +204,8 @@ def run(cfg: ProfileRunConfig, run_dir: str | Path) -> dict[str, Any]:
         if n_speed:
             plain = plain_forward_seconds(model, sequences, cfg.profile.batch_size, n_speed)
             _, profiled = profile_sequences(model, sequences[: (n_speed + 1) * cfg.profile.batch_size], cfg.firing,
-                                            thresholds, batch_size=cfg.profile.batch_size, progress=False)
+                                            thresholds, batch_size=cfg.profile.batch_size, progress=False,
+                                            extra_rules=cfg.profile.extra_rules)
             batch_tokens = cfg.profile.batch_size * cfg.profile.seq_len
             profiled_per_batch = profiled / max(min(n_speed + 1, len(sequences) // cfg.profile.batch_size) - 1, 1)
             summary["plain_forward_tokens_per_s"] = batch_tokens / plain
