@@ -118,6 +118,79 @@ def draw_decode_benchmark(result: dict[str, Any], out_dir: Path) -> list[Path]:
     return save(fig, out_dir, result["name"])
 
 
+def table(result: dict[str, Any], title_start: str) -> dict[str, Any]:
+    """The result's table whose title starts with `title_start`."""
+    for candidate in result.get("tables", []):
+        if candidate["title"].startswith(title_start):
+            return candidate
+    raise KeyError(f"result {result['name']!r} has no table titled {title_start!r}...")
+
+
+def columns(tab: dict[str, Any]) -> dict[str, list]:
+    return {name: [row[i] for row in tab["rows"]] for i, name in enumerate(tab["columns"])}
+
+
+@register("profile")
+def draw_profile(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Coverage curves per layer, the log-log firing-count distribution with its fit, per-layer sparsity."""
+    metrics, name = result["metrics"], result["name"]
+    paths = []
+    # 1. coverage curves (PowerInfer Fig. 4 style)
+    cov = columns(table(result, "Coverage curves"))
+    layers = [c for c in cov if c.startswith("layer_")]
+    fig = Figure(figsize=(6, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["viridis"]
+    for i, layer in enumerate(layers):
+        ax.plot(cov["neuron_fraction"], cov[layer], color=cmap(i / max(len(layers) - 1, 1)), lw=0.8, alpha=0.8)
+    ax.plot(cov["neuron_fraction"], cov["model"], color="black", lw=2, label="all layers")
+    ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1, label="uniform")
+    ax.axhline(0.8, color="tab:red", lw=0.8, ls=":")
+    ax.set_xlabel("fraction of neurons (most active first)")
+    ax.set_ylabel("fraction of all firings")
+    ax.legend(loc="lower right")
+    ax.set_title(f"Firing coverage per layer (shallow: purple, deep: yellow)\n{metrics['model']}, "
+                 f"{metrics['firing_rule']} rule; 80% of firings in {metrics['coverage80_model']:.0%} of neurons",
+                 fontsize=9)
+    paths += save(fig, out_dir, f"{name}_coverage")
+    # 2. firing-count distribution, log-log, with the fitted power law
+    dist = columns(table(result, "Firing-count distribution"))
+    fig = Figure(figsize=(6, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.loglog(dist["count"], dist["ccdf"], "o", ms=3, color="tab:blue", label="neurons (empirical)")
+    alpha, xmin = metrics["powerlaw_exponent"], metrics["powerlaw_xmin"]
+    tail_share = metrics["powerlaw_n_tail"] / metrics["powerlaw_n"]
+    xs = [x for x in dist["count"] if x >= xmin]
+    if xs:
+        ax.loglog(xs, [tail_share * (x / xmin) ** (1 - alpha) for x in xs], color="tab:red",
+                  label=f"power law, alpha={alpha:.2f} [{metrics['powerlaw_ci_low']:.2f}, "
+                  f"{metrics['powerlaw_ci_high']:.2f}], x_min={xmin:g}")
+    verdicts = "\n".join(
+        f"vs {alt}: {metrics[f'powerlaw_vs_{alt}_verdict']} (R={metrics[f'powerlaw_vs_{alt}_R']:.1f})"
+        for alt in ("lognormal", "exponential", "truncated_power_law") if f"powerlaw_vs_{alt}_R" in metrics
+    )
+    ax.set_xlabel("tokens a neuron fired for")
+    ax.set_ylabel("P(count >= x)")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title(f"Neuron firing-count distribution, {metrics['model']}\n{verdicts}", fontsize=8)
+    paths += save(fig, out_dir, f"{name}_distribution")
+    # 3. per-layer sparsity under each rule
+    per_layer = columns(table(result, "Per layer"))
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(per_layer["layer"], per_layer["sparsity"], marker="o", label=f"{metrics['firing_rule']} (all corpora)")
+    for column in per_layer:
+        if column.startswith("sparsity_") and column not in ("sparsity",):
+            ax.plot(per_layer["layer"], per_layer[column], marker=".", lw=1, label=column.removeprefix("sparsity_"))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("sparsity (fraction of neurons not firing per token)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, ncol=2)
+    ax.set_title(f"Per-layer sparsity, {metrics['model']}", fontsize=9)
+    paths += save(fig, out_dir, f"{name}_sparsity")
+    return paths
+
+
 # ------------------------------------------------------------------------------------------------ driver
 
 

@@ -21,7 +21,8 @@ from sparse_lm.profiling.counts import FiringCounts
 from sparse_lm.profiling.firing import FiringConfig, FiringRule
 from sparse_lm.profiling.powerlaw_fit import firing_frequency_samples, fit_power_law
 from sparse_lm.profiling.profiler import calibrate_thresholds, collect_abs_activations, profile_sequences
-from sparse_lm.results import current_command, write_result
+from sparse_lm.profiling.report import write_profile_result
+from sparse_lm.results import current_command
 from sparse_lm.tracking import TrackerConfig, make_tracker
 from sparse_lm.tracking.base import to_jsonable
 from sparse_lm.utils.io import atomic_write_json
@@ -214,60 +215,6 @@ def run(cfg: ProfileRunConfig, run_dir: str | Path) -> dict[str, Any]:
         tracker.log_summary({k: v for k, v in summary.items() if isinstance(v, int | float | str)})
         atomic_write_json(run_dir / "summary.json", to_jsonable(summary))
     if cfg.record_as:
-        write_result(
-            cfg.record_as, flat_metrics(summary), command=current_command(),
-            title=f"Activation profile of {summary['model']} ({cfg.firing.rule.value} rule, "
-            f"{' + '.join(summary['corpora'])})",
-            tables=[layer_table(summary)],
-            notes=profile_notes(cfg),
-            results_dir=cfg.results_dir,
-        )
+        write_profile_result(cfg.record_as, summary, to_jsonable(cfg.firing), total.counts,
+                             command=current_command(), results_dir=cfg.results_dir)
     return summary
-
-
-def flat_metrics(summary: dict[str, Any]) -> dict[str, Any]:
-    """Scalars of the summary for results/*.json (per-layer lists go into the table)."""
-    flat = {k: v for k, v in summary.items() if isinstance(v, int | float | str)}
-    for corpus in summary["corpora"]:
-        for key, value in summary[corpus].items():
-            if isinstance(value, int | float):
-                flat[f"{corpus}_{key}"] = value
-    for key, value in summary["powerlaw"].items():
-        if isinstance(value, dict):
-            for sub, item in value.items():
-                flat[f"powerlaw_{key}_{sub}"] = item
-        else:
-            flat[f"powerlaw_{key}"] = value
-    return flat
-
-
-def layer_table(summary: dict[str, Any]) -> dict[str, Any]:
-    columns = ["layer", "threshold", "sparsity", "coverage80", "gini"]
-    per_layer = [summary["thresholds"], summary["sparsity_per_layer"], summary["coverage80_per_layer"],
-                 summary["gini_per_layer"]]
-    for corpus in summary["corpora"]:
-        columns.append(f"sparsity_{corpus}")
-        per_layer.append(summary[corpus]["sparsity_per_layer"])
-    for key in sorted(k for k in summary if k.startswith("sparsity_per_layer_")):
-        columns.append(key.replace("sparsity_per_layer_", "sparsity_"))
-        per_layer.append(summary[key])
-    if "hot_overlap_per_layer" in summary:
-        columns.append("hot20_overlap")
-        per_layer.append(summary["hot_overlap_per_layer"])
-    rows = [[layer, *(column[layer] for column in per_layer)] for layer in range(len(summary["thresholds"]))]
-    return {"title": "Per layer", "columns": columns, "rows": rows}
-
-
-def profile_notes(cfg: ProfileRunConfig) -> str:
-    rule = cfg.firing.rule.value
-    text = (
-        f"Firing rule `{rule}`"
-        + (f" with per-layer thresholds calibrated to {cfg.firing.target_sparsity:.0%} sparsity on "
-           f"{cfg.firing.calibration_tokens} tokens of other documents" if cfg.firing.needs_calibration() else "")
-        + ". Sparsity is the mean fraction of neurons not firing per token; coverage80 is the smallest fraction "
-        "of neurons holding 80% of all firings (PowerInfer reports 26% for OPT-30B, 43% for LLaMA2-ReGLU-70B, "
-        "69% for LLaMA2-SwiGLU-70B per MLP); the power law is fitted to per-neuron firing counts (all layers "
-        "pooled) by maximum likelihood with x_min chosen by the KS distance (the `powerlaw` package), and "
-        "compared with alternatives by log-likelihood ratio (R > 0 favours the power law)."
-    )
-    return text
