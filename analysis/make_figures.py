@@ -191,6 +191,22 @@ def draw_profile(result: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
+@register("teal")
+def draw_teal(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Perplexity against the achieved FFN sparsity of calibrated magnitude thresholds."""
+    data = columns(table(result, "Perplexity per target sparsity"))
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(data["achieved_sparsity"], data["perplexity"], marker="o")
+    for x, y, inc in zip(data["achieved_sparsity"], data["perplexity"], data["increase_percent"], strict=True):
+        ax.annotate(f"{inc:+.1f}%", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.set_xlabel("FFN hidden-activation sparsity (achieved on the scored split)")
+    ax.set_ylabel("perplexity")
+    metrics = result["metrics"]
+    ax.set_title(f"Training-free sparsity: {metrics['model']} on {metrics['corpus']}/{metrics['split']}", fontsize=9)
+    return save(fig, out_dir, result["name"])
+
+
 # ------------------------------------------------------------------------------------------------ driver
 
 

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from sparse_lm.bench.decode import DecodeBenchConfig
 from sparse_lm.eval.run import EvalRunConfig
 from sparse_lm.profiling.run import ProfileRunConfig
+from sparse_lm.profiling.teal import TealRunConfig
 
 
 def schema(dataclass_type: type) -> DictConfig:
@@ -37,3 +38,4 @@ def register() -> None:
     store.store(name="eval_schema", node=schema(EvalRunConfig))
     store.store(name="bench_decode_schema", node=schema(DecodeBenchConfig))
     store.store(name="profile_schema", node=schema(ProfileRunConfig))
+    store.store(name="teal_schema", node=schema(TealRunConfig))
