@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_ENV := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_ARENA_MAX=1
 
-.PHONY: setup demo test test-all lint bench results clean
+.PHONY: setup demo eval test lint bench results clean
 
 setup: $(STAMP)
 
@@ -18,7 +18,16 @@ $(STAMP): pyproject.toml
 	bash scripts/install_corpora.sh
 	touch $(STAMP)
 
+DEMO_DIR := runs/demo
+
+# The main job: profile SmolLM2-135M on the default corpus (WEB train split, 65,536 tokens, magnitude rule
+# calibrated to 50% sparsity) and draw its figures; a few minutes on 2 cores. Writes under runs/demo/.
 demo: setup
+	$(BENCH_ENV) $(PY) experiments/profile.py record_as=profile_demo results_dir=$(DEMO_DIR)/results hydra.run.dir=$(DEMO_DIR)/profile
+	$(PY) analysis/make_figures.py --results-dir $(DEMO_DIR)/results --out-dir $(DEMO_DIR)/figures
+	@echo "summary: $(DEMO_DIR)/profile/summary.json; figures: $(DEMO_DIR)/figures/"
+
+eval: setup
 	$(BENCH_ENV) $(PY) experiments/eval.py
 
 test: setup
