@@ -7,6 +7,8 @@ import enum
 import os
 from pathlib import Path
 
+from sparse_lm.utils.config import coerce_enums
+
 
 class Corpus(str, enum.Enum):
     """Text source (member names are lower case so Hydra configs read `corpus: web`)."""
@@ -46,14 +48,7 @@ class DataConfig:
     cache_dir: str = ""
 
     def __post_init__(self):
-        # Hydra/OmegaConf hands over enum members or their string values: normalise.
-        for field, kind in (("corpus", Corpus), ("split", Split)):
-            value = getattr(self, field)
-            try:
-                object.__setattr__(self, field, kind(value))
-            except ValueError:
-                choices = ", ".join(m.value for m in kind)
-                raise ValueError(f"data.{field}={value!r} is not one of: {choices}") from None
+        coerce_enums(self, "data", {"corpus": Corpus, "split": Split})
         for field in ("validation_fraction", "test_fraction"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from sparse_lm.utils.config import coerce_enums
+
 
 class Activation(str, enum.Enum):
     """FFN activation pair: how the hidden activation a is formed from the gate and up projections.
@@ -69,14 +71,7 @@ class ModelConfig:
     eos_token_id: int | None = None
 
     def __post_init__(self):
-        # Hydra/OmegaConf hands over enum members or their string values, lists or tuples: normalise.
-        for field, kind in (("activation", Activation), ("norm", NormKind), ("rope_layout", RopeLayout)):
-            value = getattr(self, field)
-            try:
-                object.__setattr__(self, field, kind(value))
-            except ValueError:
-                choices = ", ".join(m.value for m in kind)
-                raise ValueError(f"model.{field}={value!r} is not one of: {choices}") from None
+        coerce_enums(self, "model", {"activation": Activation, "norm": NormKind, "rope_layout": RopeLayout})
         if self.ffn_thresholds is not None:
             object.__setattr__(self, "ffn_thresholds", tuple(float(t) for t in self.ffn_thresholds))
         for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import safetensors
 import safetensors.numpy
-from flax import nnx
 
 from sparse_lm.models.config import Activation, ModelConfig, NormKind, RopeLayout
 from sparse_lm.models.transformer import Transformer
-from sparse_lm.models.weights import HF_LLAMA_NAMING, CheckpointError, build_from_tensors, tensor_slots
+from sparse_lm.models.weights import HF_LLAMA_NAMING, CheckpointError, build_from_tensors, checkpoint_tensors
 
 
 def config_from_hf_json(path: str | os.PathLike, name: str = "hf_llama") -> ModelConfig:
@@ -84,14 +83,7 @@ def load_safetensors(path: str | os.PathLike, config: ModelConfig | None = None)
 def save_safetensors(model: Transformer, path: str | os.PathLike) -> Path:
     """Writes `model` with HF LLaMA names (float32), the inverse of `load_safetensors`."""
     path = Path(path)
-    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    tensors = {}
-    for key, slot in tensor_slots(model.config, HF_LLAMA_NAMING).items():
-        array = np.asarray(flat[key].get_value(), np.float32)
-        array = array.T if slot.transpose else array
-        offsets = np.cumsum([shape[0] for shape in slot.file_shapes])[:-1]
-        for name, part in zip(slot.names, np.split(array, offsets, axis=0), strict=True):
-            tensors[name] = np.ascontiguousarray(part)
+    tensors = checkpoint_tensors(model, HF_LLAMA_NAMING)
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.numpy.save_file(tensors, str(path))
     return path

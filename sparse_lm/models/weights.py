@@ -150,3 +150,16 @@ def build_from_tensors(
     nnx.update(model, nnx.from_flat_state(flat))
     assert not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(model)))
     return model
+
+
+def checkpoint_tensors(model: Transformer, naming: Naming) -> dict[str, np.ndarray]:
+    """The inverse of `build_from_tensors`: the model's parameters as float32 [out, in] checkpoint tensors."""
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    tensors = {}
+    for key, slot in tensor_slots(model.config, naming).items():
+        array = np.asarray(flat[key].get_value(), np.float32)
+        array = array.T if slot.transpose else array
+        offsets = np.cumsum([shape[0] for shape in slot.file_shapes])[:-1]
+        for name, part in zip(slot.names, np.split(array, offsets, axis=0), strict=True):
+            tensors[name] = np.ascontiguousarray(part)
+    return tensors

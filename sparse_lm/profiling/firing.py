@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from sparse_lm.models.ffn import CapturePoint
+from sparse_lm.utils.config import coerce_enums
 
 
 class FiringRule(str, enum.Enum):
@@ -53,11 +54,7 @@ class FiringConfig:
     calibration_tokens: int = 16384
 
     def __post_init__(self):
-        try:
-            object.__setattr__(self, "rule", FiringRule(self.rule))
-        except ValueError:
-            choices = ", ".join(r.value for r in FiringRule)
-            raise ValueError(f"firing.rule={self.rule!r} is not one of: {choices}") from None
+        coerce_enums(self, "firing", {"rule": FiringRule})
         if not 0 <= self.target_sparsity < 1:
             raise ValueError(f"firing.target_sparsity must be in [0, 1), got {self.target_sparsity}")
         if self.thresholds is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from sparse_lm.utils.config import coerce_enums
+
 
 class TrackerKind(enum.StrEnum):
     """Where metrics go (member names equal their values: OmegaConf validates enums by name).
@@ -42,14 +44,7 @@ class TrackerConfig:
     group: str | None = None
 
     def __post_init__(self):
-        # OmegaConf hands over enum members or their string values, and lists for tuples: normalise.
-        for field, enum_type in (("kind", TrackerKind), ("mode", WandbMode)):
-            value = getattr(self, field)
-            try:
-                object.__setattr__(self, field, enum_type(value))
-            except ValueError:
-                choices = ", ".join(m.value for m in enum_type)
-                raise ValueError(f"tracker.{field}={value!r} is not one of: {choices}") from None
+        coerce_enums(self, "tracker", {"kind": TrackerKind, "mode": WandbMode})
         if not isinstance(self.project, str) or not self.project.strip():
             raise ValueError(f"tracker.project must be a non-empty string, got {self.project!r}")
         for field in ("entity", "group"):

@@ -19,7 +19,7 @@ from flax import nnx
 
 from sparse_lm.models.config import ModelConfig
 from sparse_lm.models.transformer import Transformer
-from sparse_lm.models.weights import GGUF_NAMING, tensor_slots
+from sparse_lm.models.weights import GGUF_NAMING, checkpoint_tensors
 
 ARCH = "llama"
 MODEL_NAME = "tiny-gguf-test"
@@ -78,15 +78,7 @@ def random_model(config: ModelConfig, seed: int = 0) -> Transformer:
 
 def gguf_tensors(model: Transformer) -> dict[str, np.ndarray]:
     """The model's parameters as GGUF tensors (float32, [out, in]), keyed by GGUF name, in slot order."""
-    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    tensors = {}
-    for key, slot in tensor_slots(model.config, GGUF_NAMING).items():
-        array = np.asarray(flat[key].get_value(), np.float32)
-        array = array.T if slot.transpose else array
-        offsets = np.cumsum([shape[0] for shape in slot.file_shapes])[:-1]
-        for name, part in zip(slot.names, np.split(array, offsets, axis=0), strict=True):
-            tensors[name] = np.ascontiguousarray(part)
-    return tensors
+    return checkpoint_tensors(model, GGUF_NAMING)
 
 
 def quantized(array: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
