@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from sparse_lm.data import DataConfig, corpus_fingerprint
 from sparse_lm.profiling import stats
 from sparse_lm.profiling.counts import FiringCounts
 from sparse_lm.profiling.powerlaw_fit import firing_frequency_samples
@@ -27,6 +28,8 @@ CURVE_POINTS = np.linspace(0.0, 1.0, 21)
 def flat_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     """Scalars of the summary (per-layer lists go into tables)."""
     flat = {k: v for k, v in summary.items() if isinstance(v, int | float | str)}
+    for corpus, digest in summary.get("corpus_sha256", {}).items():
+        flat[f"{corpus}_sha256"] = digest
     for corpus in summary["corpora"]:
         for key, value in summary[corpus].items():
             if isinstance(value, int | float):
@@ -117,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{args.run_dir / required} is missing: is {args.run_dir} a finished profile run?")
     summary = json.loads((args.run_dir / "summary.json").read_text())
     config = json.loads((args.run_dir / "config.json").read_text())
+    if "corpus_sha256" not in summary:  # runs made before the summary carried them: hash the sources now
+        data = DataConfig(**{k: v for k, v in config["data"].items()})
+        summary["corpus_sha256"] = {c: corpus_fingerprint(data.replace(corpus=c, path=None if c != data.corpus.value
+                                                                       else data.path)) for c in summary["corpora"]}
     total = FiringCounts.load(args.run_dir / "counts_total.npz").counts
     command = "python -m sparse_lm.profiling.report " + shlex.join(argv if argv is not None else sys.argv[1:])
     path = write_profile_result(args.record_as, summary, config["firing"], total, command=command,

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sparse_lm.data import Corpus, DataConfig, Split, pack_sequences, split_tokens
+from sparse_lm.data import Corpus, DataConfig, Split, corpus_fingerprint, pack_sequences, split_tokens
 from sparse_lm.models.loading import ModelSpec, build_model
 from sparse_lm.models.transformer import Transformer
 from sparse_lm.profiling import stats
@@ -168,6 +168,8 @@ def run(cfg: ProfileRunConfig, run_dir: str | Path) -> dict[str, Any]:
             "activation": model.config.activation.value,
             "firing_rule": cfg.firing.rule.value,
             "thresholds": thresholds.tolist(),
+            "corpus_sha256": {d.corpus.value: corpus_fingerprint(d) for d in domains},
+            "config": to_jsonable(cfg),
         }
         all_counts = []
         for domain in domains:
