@@ -229,6 +229,8 @@ def _quiet_package() -> Iterator[None]:
        outside `alpha_range` and clips it into the range, which is the right thing to do.
     3. Its optimisers step through parameters where a normaliser is 0 or nan (e.g. zeta(alpha < 1)) and
        reject them; numpy's floating-point error state is relaxed for that, as np.errstate is meant for.
+    4. It advises discrete=True for integer data; fitting large counts (thousands and up) with the
+       continuous law is a deliberate choice of the caller.
     """
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         warnings.filterwarnings(
@@ -237,6 +239,7 @@ def _quiet_package() -> Iterator[None]:
         warnings.filterwarnings(
             "ignore", message="Initial guess is not within the specified bounds", category=OptimizeWarning
         )
+        warnings.filterwarnings("ignore", message="discrete=False but data exclusively contains integer values")
         yield
 
 
@@ -311,6 +314,20 @@ def _bootstrap_alphas(
     return alphas
 
 
+def _grid_xmin(powerlaw, data: np.ndarray, discrete: bool, alpha_range: list[float], candidates: int) -> float:
+    """The x_min among `candidates` data quantiles whose tail fit has the smallest KS distance (CSN on a grid)."""
+    grid = np.unique(np.quantile(data, np.linspace(0.0, 0.99, candidates), method="lower"))
+    best, best_distance = float(grid[0]), np.inf
+    for candidate in grid:
+        tail = data[data >= candidate]
+        if tail.size < MIN_SAMPLES or tail[0] == tail[-1]:
+            continue
+        distance = float(_tail_power_law(powerlaw, tail, float(candidate), discrete, alpha_range).D)
+        if distance < best_distance:
+            best, best_distance = float(candidate), distance
+    return best
+
+
 def _compare(powerlaw, fit, power_law, name: str, discrete: bool, alpha_range: list[float]) -> Comparison:
     # Built here rather than read as `fit.<name>`, which would ignore verbose=0 and the alpha range (the
     # truncated power law's alpha must live in the same range as the power law's for a nested test).
@@ -347,6 +364,7 @@ def fit_power_law(
     alternatives: Sequence[str] = DEFAULT_ALTERNATIVES,
     bootstrap_xmin: BootstrapXmin = "fixed",
     alpha_range: tuple[float, float] = DEFAULT_ALPHA_RANGE,
+    xmin_candidates: int | None = 200,
 ) -> PowerLawFit:
     """Fits p(x) ~ x^-alpha for x >= xmin by the method of Clauset, Shalizi & Newman (2009).
 
@@ -377,6 +395,9 @@ def fit_power_law(
       alternatives: names from ALTERNATIVES to compare against.
       bootstrap_xmin: "refit" or "fixed", see above.
       alpha_range: bounds of the fitted alpha; `powerlaw`'s own default (0, 3) would cap steep tails.
+      xmin_candidates: with more distinct values than this, x_min is searched over this many quantiles of
+        the data (0 to 99%) instead of every distinct value: the exhaustive search took 209 s on SmolLM2's
+        46,080 pooled counts, nearly all distinct. None searches every value.
 
     Returns:
       PowerLawFit.
@@ -399,6 +420,8 @@ def fit_power_law(
 
     powerlaw = _powerlaw()
     with _quiet_package():
+        if xmin is None and xmin_candidates is not None and np.unique(data).size > xmin_candidates:
+            xmin = _grid_xmin(powerlaw, data, discrete, ranges, xmin_candidates)
         fit = powerlaw.Fit(data, discrete=discrete, xmin=xmin, verbose=0, parameter_ranges={"alpha": ranges})
         if not math.isfinite(fit.xmin):
             raise ValueError("powerlaw found no x_min candidate (too few distinct values)")
