@@ -69,7 +69,7 @@ def profile_sequences(
     progress: bool = True,
     stop_after_batches: int | None = None,
     extra_rules: tuple[FiringRule, ...] = (),
-) -> tuple[FiringCounts, float]:
+) -> tuple[FiringCounts, float, int]:
     """Firing counts over `sequences` (rows in order, `batch_size` at a time; a last partial batch is dropped).
 
     Args:
@@ -80,7 +80,8 @@ def profile_sequences(
       extra_rules: threshold-free rules counted in the same pass (`FiringCounts.extra`).
 
     Returns:
-      (counts, seconds spent in profiling steps of this call).
+      (counts, seconds spent in the timed profiling steps of this call, number of those steps); the first
+      step of a call compiles and is not timed.
     """
     n_layers, d_ff = model.config.n_layers, model.config.d_ff
     if thresholds.shape != (n_layers,):
@@ -101,15 +102,17 @@ def profile_sequences(
     step = make_profile_step(model, firing, extra_rules)
     params = nnx.state(model)
     device_thresholds = jnp.asarray(thresholds, jnp.float32)
-    seconds = 0.0
+    seconds, timed = 0.0, 0
     bar = tqdm(total=n_batches, initial=state.batches, desc="profile", unit="batch", disable=not progress)
+    first_index = state.batches
     for index in range(state.batches, n_batches):
         tokens = sequences[index * batch_size : (index + 1) * batch_size]
         start = time.perf_counter()
         counts, abs_sum, extra = step(params, tokens, device_thresholds)
         counts, abs_sum, extra = np.asarray(counts), np.asarray(abs_sum), np.asarray(extra)
-        if index > 0:  # the first call includes compilation
+        if index != first_index:  # the first step of a call compiles
             seconds += time.perf_counter() - start
+            timed += 1
         state.add(counts, abs_sum, tokens.size, dict(zip(names, extra, strict=False)))
         bar.update(1)
         done = state.batches
@@ -121,7 +124,7 @@ def profile_sequences(
             break
     bar.close()
     set_capture(model, ())
-    return state, seconds
+    return state, seconds, timed
 
 
 def collect_abs_activations(

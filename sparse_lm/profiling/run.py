@@ -175,7 +175,7 @@ def run(cfg: ProfileRunConfig, run_dir: str | Path) -> dict[str, Any]:
         for domain in domains:
             name = domain.corpus.value
             sequences = corpus_sequences(domain, tokenizer, cfg.profile)
-            counts, seconds = profile_sequences(
+            counts, seconds, timed = profile_sequences(
                 model, sequences, cfg.firing, thresholds, batch_size=cfg.profile.batch_size,
                 checkpoint=run_dir / f"counts_{name}.npz", checkpoint_every=cfg.profile.checkpoint_every,
                 fingerprint=fingerprint(cfg, domain, thresholds), progress=cfg.profile.progress,
@@ -183,9 +183,10 @@ def run(cfg: ProfileRunConfig, run_dir: str | Path) -> dict[str, Any]:
             )
             all_counts.append(counts)
             domain_summary = domain_statistics(counts, cfg.profile)
-            batches_timed = max(counts.batches - 1, 1)
-            domain_summary["profile_tokens_per_s"] = batches_timed * sequences[0].size * cfg.profile.batch_size / max(
-                seconds, 1e-9)
+            # throughput of the batches this call profiled (none when it resumed a finished checkpoint)
+            domain_summary["profile_tokens_per_s"] = (
+                timed * cfg.profile.batch_size * cfg.profile.seq_len / seconds if timed else float("nan")
+            )
             summary[name] = domain_summary
             tracker.log({f"{name}/sparsity_model": domain_summary["sparsity_model"],
                          f"{name}/coverage80_model": domain_summary["coverage80_model"]})
@@ -209,11 +210,12 @@ def run(cfg: ProfileRunConfig, run_dir: str | Path) -> dict[str, Any]:
         n_speed = min(cfg.profile.speed_batches, len(sequences) // cfg.profile.batch_size)
         if n_speed:
             plain = plain_forward_seconds(model, sequences, cfg.profile.batch_size, n_speed)
-            _, profiled = profile_sequences(model, sequences[: (n_speed + 1) * cfg.profile.batch_size], cfg.firing,
-                                            thresholds, batch_size=cfg.profile.batch_size, progress=False,
-                                            extra_rules=cfg.profile.extra_rules)
+            _, profiled, timed = profile_sequences(
+                model, sequences[: (n_speed + 1) * cfg.profile.batch_size], cfg.firing, thresholds,
+                batch_size=cfg.profile.batch_size, progress=False, extra_rules=cfg.profile.extra_rules,
+            )
             batch_tokens = cfg.profile.batch_size * cfg.profile.seq_len
-            profiled_per_batch = profiled / max(min(n_speed + 1, len(sequences) // cfg.profile.batch_size) - 1, 1)
+            profiled_per_batch = profiled / max(timed, 1)
             summary["plain_forward_tokens_per_s"] = batch_tokens / plain
             summary["profile_step_tokens_per_s"] = batch_tokens / profiled_per_batch
             summary["profile_overhead"] = profiled_per_batch / plain - 1

@@ -94,7 +94,7 @@ def run(cfg: TealRunConfig, run_dir: str | Path) -> dict[str, Any]:
             n_batches = min(teal.sparsity_batches, len(scored_windows) // teal.batch_size)
             if n_batches:
                 # |a| > 0 with zero thresholds: a neuron counts as active unless the calibrated threshold zeroed it
-                counts, _ = profile_sequences(
+                counts, _, _ = profile_sequences(
                     model, scored_windows[: n_batches * teal.batch_size], FiringConfig(thresholds=(0.0,)),
                     np.zeros(model.config.n_layers), batch_size=teal.batch_size, progress=False,
                 )

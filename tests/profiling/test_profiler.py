@@ -38,7 +38,7 @@ def direct_counts(model, sequences, threshold):
 
 
 def test_counts_equal_a_direct_computation(model):
-    counts, _ = profile_sequences(
+    counts, _, _ = profile_sequences(
         model,
         SEQUENCES,
         FiringConfig(thresholds=(0.0,)),
@@ -60,12 +60,14 @@ def test_interrupted_profile_resumes_to_identical_counts(model, tmp_path):
     kwargs = dict(
         batch_size=2, checkpoint_every=2, fingerprint="run-a", progress=False, extra_rules=(FiringRule.positive,)
     )
-    uninterrupted, _ = profile_sequences(model, SEQUENCES, firing, THRESHOLDS, checkpoint=tmp_path / "a.npz", **kwargs)
-    partial, _ = profile_sequences(
+    uninterrupted, _, _ = profile_sequences(
+        model, SEQUENCES, firing, THRESHOLDS, checkpoint=tmp_path / "a.npz", **kwargs
+    )
+    partial, _, _ = profile_sequences(
         model, SEQUENCES, firing, THRESHOLDS, checkpoint=tmp_path / "b.npz", stop_after_batches=3, **kwargs
     )
     assert partial.batches == 3 and FiringCounts.load(tmp_path / "b.npz").batches == 3
-    resumed, _ = profile_sequences(model, SEQUENCES, firing, THRESHOLDS, checkpoint=tmp_path / "b.npz", **kwargs)
+    resumed, _, _ = profile_sequences(model, SEQUENCES, firing, THRESHOLDS, checkpoint=tmp_path / "b.npz", **kwargs)
     assert resumed.batches == uninterrupted.batches == 6
     assert resumed.tokens == uninterrupted.tokens
     np.testing.assert_array_equal(resumed.counts, uninterrupted.counts)
