@@ -20,6 +20,9 @@ class Activation(str, enum.Enum):
     relu = "relu"  # relu(up), no gate (OPT style)
     relu2 = "relu2"  # relu(up) ** 2, no gate
 
+    def __str__(self) -> str:  # run directories and interpolations read `drelu`, not `Activation.drelu`
+        return self.value
+
     @property
     def gated(self) -> bool:
         return self in (Activation.swiglu, Activation.reglu, Activation.drelu)

@@ -51,6 +51,20 @@ def apply_threshold(hidden: Float[Array, "... F"], threshold: float | None) -> F
     return jnp.where(jnp.abs(hidden) > threshold, hidden, jnp.zeros_like(hidden))
 
 
+def keep_top_k(hidden: Float[Array, "... F"], keep: int | None) -> Float[Array, "... F"]:
+    """Keeps the `keep` largest |a| of each token's hidden activation and zeroes the rest (no-op for None).
+
+    Ties at the k-th magnitude are all kept, so a token may keep slightly more than `keep` neurons.
+    """
+    if keep is None or keep >= hidden.shape[-1]:
+        return hidden
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    magnitude = jnp.abs(hidden)
+    kth = jax.lax.top_k(magnitude, keep)[0][..., -1:]
+    return jnp.where(magnitude >= kth, hidden, jnp.zeros_like(hidden))
+
+
 def ffn_hidden(
     x: Float[Array, "... D"],
     w_gate: Float[Array, "D F"] | None,
@@ -81,6 +95,7 @@ class FFN(nnx.Module):
         init_out = nnx.initializers.normal(stddev=d_ff**-0.5)
         self.activation = activation
         self.threshold = threshold
+        self.keep_top: int | None = None  # forced top-k sparsity (evaluation); None keeps every neuron
         self.w_gate = nnx.Param(init_in(rngs.params(), (d_model, d_ff), dtype)) if activation.gated else None
         self.w_up = nnx.Param(init_in(rngs.params(), (d_model, d_ff), dtype))
         self.w_down = nnx.Param(init_out(rngs.params(), (d_ff, d_model), dtype))
@@ -98,5 +113,6 @@ class FFN(nnx.Module):
         if gate is not None:
             self._capture(CapturePoint.ffn_gate, gate)
         hidden = apply_threshold(activation_pair(self.activation, gate, up), self.threshold)
+        hidden = keep_top_k(hidden, self.keep_top)
         self._capture(CapturePoint.ffn_hidden, hidden)
         return hidden @ self.w_down[...]
