@@ -118,3 +118,33 @@ class ByteTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def tokenizer_to_json(tokenizer: Tokenizer) -> dict:
+    """Everything needed to rebuild `tokenizer` exactly (see `tokenizer_from_json`)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return {"kind": "bytes"}
+    return {
+        "kind": "bpe",
+        "backend": tokenizer.backend.to_str(),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "add_bos": tokenizer.add_bos,
+        "fingerprint": tokenizer.fingerprint,
+    }
+
+
+def tokenizer_from_json(record: dict) -> Tokenizer:
+    """The tokenizer saved by `tokenizer_to_json`."""
+    kind = record.get("kind")
+    if kind == "bytes":
+        return ByteTokenizer()
+    if kind != "bpe":
+        raise ValueError(f"saved tokenizer has unknown kind {kind!r} (expected bpe or bytes)")
+    return Tokenizer(
+        tokenizers.Tokenizer.from_str(record["backend"]),
+        bos_token_id=record["bos_token_id"],
+        eos_token_id=record["eos_token_id"],
+        fingerprint=record["fingerprint"],
+        add_bos=record["add_bos"],
+    )
