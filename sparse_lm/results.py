@@ -42,6 +42,7 @@ def write_result(
     title: str,
     notes: str = "",
     tables: Sequence[Mapping[str, Any]] | None = None,
+    series: Mapping[str, Mapping[str, Any]] | None = None,
     results_dir: str | Path = RESULTS_DIR,
     machine: Mapping[str, Any] | None = None,
 ) -> Path:
@@ -54,6 +55,8 @@ def write_result(
       title: section title in docs/RESULTS.md.
       notes: free Markdown shown under the numbers.
       tables: optional `{"title": str, "columns": [str, ...], "rows": [[cell, ...], ...]}` tables.
+      series: optional named `{"columns": [...], "rows": [...]}` data for figures only (e.g. training
+        curves): kept in the file, not rendered as tables.
       results_dir: folder of result files.
       machine: the machine description; defaults to `machine_info()` of this process.
 
@@ -74,6 +77,10 @@ def write_result(
         "command": command,
         "metrics": _check_metrics(name, metrics),
         "tables": [_check_table(name, i, table) for i, table in enumerate(tables or ())],
+        "series": {
+            str(key): {k: v for k, v in _check_table(name, key, {"title": key, **value}).items() if k != "title"}
+            for key, value in (series or {}).items()
+        },
         "notes": notes,
         "machine": to_jsonable(dict(machine) if machine is not None else machine_info()),
     }
@@ -143,6 +150,7 @@ def load_result(path: str | Path) -> dict[str, Any]:
     if not isinstance(result["metrics"], dict):
         raise ValueError(f"{path}: metrics must be an object")
     result.setdefault("tables", [])
+    result.setdefault("series", {})
     result.setdefault("notes", "")
     return result
 
