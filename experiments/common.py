@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,7 @@ def to_config(cfg: DictConfig) -> Any:
 
 def run_entry(cfg: DictConfig, task: Callable[[Any, str], dict]) -> dict:
     """Validates `cfg`, runs `task(config, run_dir)` in Hydra's run directory, exits 2 on bad input."""
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
     try:
         config = to_config(cfg)
         return task(config, HydraConfig.get().runtime.output_dir)

@@ -12,6 +12,7 @@ from sparse_lm.bench.decode import DecodeBenchConfig
 from sparse_lm.eval.run import EvalRunConfig
 from sparse_lm.profiling.run import ProfileRunConfig
 from sparse_lm.profiling.teal import TealRunConfig
+from sparse_lm.train.config import TrainRunConfig
 
 
 def schema(dataclass_type: type) -> DictConfig:
@@ -39,3 +40,4 @@ def register() -> None:
     store.store(name="bench_decode_schema", node=schema(DecodeBenchConfig))
     store.store(name="profile_schema", node=schema(ProfileRunConfig))
     store.store(name="teal_schema", node=schema(TealRunConfig))
+    store.store(name="train_schema", node=schema(TrainRunConfig))

@@ -1,0 +1,23 @@
+"""Hydra callbacks: after a training sweep, one result record from all of its runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from sparse_lm.results import current_command
+from sparse_lm.train.report import collect_sweep
+
+
+class SweepResult(Callback):
+    """Writes `<results_dir>/<record_as>.json` from every finished run of the sweep directory."""
+
+    def __init__(self, record_as: str, results_dir: str = "results"):
+        self.record_as = record_as
+        self.results_dir = results_dir
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        path = collect_sweep(config.hydra.sweep.dir, self.record_as, self.results_dir, current_command())
+        print(f"sweep result: {path}")

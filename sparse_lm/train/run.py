@@ -1,0 +1,300 @@
+"""The train task: (continued) training of a model with checkpoints, resume, a NaN guard and evaluations.
+
+A run directory holds config.json, model_config.json, tokenizer.json, checkpoints/, history.jsonl (one line
+per logged step and per evaluation) and, when finished, summary.json. Running the same configuration in
+the same directory resumes from the latest checkpoint and continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from sparse_lm.data import DataConfig, PackedSequences, batch_iterator, pack_sequences, split_tokens
+from sparse_lm.data.bpe_train import corpus_tokenizer
+from sparse_lm.models.loading import WeightSource, build_model
+from sparse_lm.models.transformer import Transformer, count_params
+from sparse_lm.results import current_command
+from sparse_lm.tracking import make_tracker
+from sparse_lm.tracking.base import to_jsonable
+from sparse_lm.train.checkpoint import Checkpointer, save_run_metadata
+from sparse_lm.train.config import TokenizerSource, TrainRunConfig
+from sparse_lm.train.evaluate import EvalResult, combine, evaluate, evaluate_top_k, model_from_state
+from sparse_lm.train.optim import l1_coefficient, learning_rate_schedule, make_optimizer
+from sparse_lm.train.parallel import check_divisible, data_mesh, micro_batch_sharding, replicated
+from sparse_lm.train.report import write_train_result
+from sparse_lm.train.step import init_state, make_train_step, split_model
+from sparse_lm.utils.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.jsonl"
+SUMMARY_FILE = "summary.json"
+# Keys that may change between a run and its resumption (they do not change what is computed).
+RESUMABLE_CHANGES = ("train.progress", "tracker", "record_as", "results_dir", "train.nan_at_step")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or gradient became NaN/Inf; the run stopped without saving."""
+
+
+def _flat(record: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(record, dict):
+        out: dict[str, Any] = {}
+        for key, value in record.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: record}
+
+
+def check_resumable(run_dir: Path, cfg: TrainRunConfig) -> None:
+    """A run directory with checkpoints must be resumed with the configuration that wrote them."""
+    path = run_dir / CONFIG_FILE
+    if not path.exists():
+        return
+    saved, current = _flat(json.loads(path.read_text())), _flat(to_jsonable(cfg))
+    changed = sorted(
+        key for key in saved.keys() | current.keys()
+        if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_CHANGES)
+    )
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:5])
+        raise ValueError(
+            f"run directory {run_dir} holds checkpoints of a different configuration ({details}); "
+            "resume with the same settings or choose a new run directory (hydra.run.dir=...)"
+        )
+
+
+def build_tokenizer_and_model(cfg: TrainRunConfig):
+    """The model to train and its tokenizer (a trained BPE resizes the vocabulary of a random model)."""
+    if cfg.tokenizer.source is TokenizerSource.train_bpe:
+        if cfg.model.source is not WeightSource.random:
+            raise ValueError("tokenizer.source=train_bpe needs model.source=random (pretrained weights fix the vocab)")
+        tokenizer = corpus_tokenizer(cfg.train_corpora(), cfg.tokenizer.vocab_size)
+        config = cfg.model.config().replace(
+            vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+            max_seq_len=max(cfg.train.seq_len, cfg.model.config().max_seq_len),
+        )
+        return Transformer(config, rngs=nnx.Rngs(cfg.model.seed)), tokenizer
+    model, tokenizer = build_model(cfg.model)
+    return model, tokenizer
+
+
+def token_rows(corpora: list[DataConfig], tokenizer, seq_len: int, limit: int | None, progress: bool) -> np.ndarray:
+    """Each corpus's stream (up to `limit` tokens) packed into rows of seq_len, corpora concatenated."""
+    rows = []
+    for data in corpora:
+        tokens = split_tokens(data, tokenizer, progress=progress)
+        if limit is not None:
+            tokens = tokens[: max(limit, seq_len)]
+        rows.append(pack_sequences(tokens, seq_len).tokens)
+    return np.concatenate(rows)
+
+
+class History:
+    """history.jsonl: appended as the run goes; on resume, lines after the restored step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        kept = []
+        if path.exists() and resume_step > 0:
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut by a kill: everything after it is gone anyway
+                if record["step"] <= resume_step:
+                    kept.append(line)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(to_jsonable(record)) + "\n")
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def _eval_record(kind: str, step: int, tokens: int, result: EvalResult, per_corpus: dict[str, float]) -> dict:
+    return {
+        "kind": kind, "step": step, "tokens": tokens, "val_loss": result.nll, "val_perplexity": result.perplexity,
+        "sparsity": result.sparsity, "sparsity_per_layer": list(result.zero_fraction), **per_corpus,
+    }
+
+
+def run(cfg: TrainRunConfig, run_dir: str | Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t = cfg.train
+    checkpointer = Checkpointer(run_dir, keep=t.keep_checkpoints)
+    if checkpointer.latest_step() is not None:
+        check_resumable(run_dir, cfg)
+    atomic_write_json(run_dir / CONFIG_FILE, to_jsonable(cfg))
+    model, tokenizer = build_tokenizer_and_model(cfg)
+    save_run_metadata(run_dir, model.config, tokenizer)
+    train_rows = token_rows(cfg.train_corpora(), tokenizer, t.seq_len, None, t.progress)
+    val_sets = {
+        data.corpus.value: token_rows([data], tokenizer, t.seq_len, cfg.eval.tokens, t.progress)
+        for data in cfg.validation_corpora()
+    }
+    val_rows = np.concatenate(list(val_sets.values()))  # for the final top-k evaluation
+
+    mesh = data_mesh(t.devices)
+    micro_rows = t.batch_size // t.accum_steps
+    check_divisible(micro_rows, mesh)
+    tx = make_optimizer(cfg.optim, t.steps)
+    lr_at = learning_rate_schedule(cfg.optim, t.steps)
+    graphdef, params, rest = split_model(model)
+    state = init_state(params, tx, t.seed)
+    start = checkpointer.latest_step() or 0
+    if start:
+        state, meta = checkpointer.restore(state)
+        log.info("resumed %s at step %d (batch %d)", run_dir, start, meta["data_batch"])
+    state = jax.device_put(state, replicated(mesh))
+    step_fn = make_train_step(graphdef, rest, tx, model.config)
+    batch_sharding = micro_batch_sharding(mesh)
+    history = History(run_dir / HISTORY_FILE, start)
+    tracker = make_tracker(cfg.tracker, run_dir, run_config=to_jsonable(cfg), run_name=cfg.name)
+    n_params = count_params(model)
+
+    def evaluate_now(step: int) -> EvalResult:
+        current = model_from_state(graphdef, state.params, rest)
+        parts = {name: evaluate(current, rows, cfg.eval.batch_size) for name, rows in val_sets.items()}
+        result = combine(list(parts.values()))
+        per_corpus = {}
+        if len(parts) > 1:
+            per_corpus = {f"val_perplexity_{name}": part.perplexity for name, part in parts.items()}
+        record = _eval_record("eval", step, step * t.tokens_per_step, result, per_corpus)
+        history.append(record)
+        tracker.log({k: v for k, v in record.items() if k not in ("kind", "step", "sparsity_per_layer")}, step=step)
+        return result
+
+    with tracker:
+        if start == 0:
+            baseline_eval(cfg, val_rows, history)
+            evaluate_now(0)
+        batches = batch_iterator(
+            PackedSequences(train_rows, np.ones(train_rows.shape, bool)), t.batch_size, shuffle=True, seed=t.seed,
+            start_batch=start, num_epochs=None,
+        )
+        bar = tqdm(total=t.steps, initial=start, desc=f"train {cfg.name}", unit="step", disable=not t.progress)
+        window_seconds, window_steps, train_seconds = 0.0, 0, 0.0
+        for step in range(start, t.steps):
+            batch = next(batches)
+            shape = (t.accum_steps, micro_rows, t.seq_len)
+            tokens = jax.device_put(batch.tokens.reshape(shape), batch_sharding)
+            mask = jax.device_put(batch.mask.reshape(shape), batch_sharding)
+            poison = jnp.float32(math.nan if step == t.nan_at_step else 1.0)
+            coefficient = jnp.float32(l1_coefficient(cfg.l1, step))
+            step_start = time.perf_counter()
+            state, metrics = step_fn(state, tokens, mask, coefficient, poison)
+            loss, grad_norm = float(metrics.loss), float(metrics.grad_norm)
+            step_seconds = time.perf_counter() - step_start
+            train_seconds += step_seconds
+            window_seconds += step_seconds
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                last = checkpointer.latest_step()
+                checkpointer.close()
+                raise TrainingDivergedError(
+                    f"step {step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; stopped without "
+                    f"saving. Last good checkpoint: step {last} in {checkpointer.directory}"
+                    if last is not None else
+                    f"step {step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; stopped before the "
+                    "first checkpoint"
+                )
+            window_steps += 1
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if done % t.log_every == 0 or done == t.steps:
+                zero_fraction = np.asarray(metrics.zero_fraction)
+                record = {
+                    "kind": "train", "step": done, "tokens": done * t.tokens_per_step, "loss": loss,
+                    "l1": float(metrics.l1), "l1_coefficient": float(coefficient), "grad_norm": grad_norm,
+                    "lr": float(lr_at(step)), "tokens_per_s": window_steps * t.tokens_per_step / window_seconds,
+                    "sparsity": float(zero_fraction.mean()),
+                }
+                history.append({**record, "sparsity_per_layer": zero_fraction.tolist()})
+                tracker.log(
+                    {**{k: v for k, v in record.items() if k not in ("kind", "step")},
+                     **{f"sparsity/layer_{i:02d}": float(z) for i, z in enumerate(zero_fraction)}},
+                    step=done,
+                )
+                window_seconds, window_steps = 0.0, 0
+            if done % t.checkpoint_every == 0 or done == t.steps:
+                checkpointer.save(done, state, {"data_batch": done, "tokens_seen": done * t.tokens_per_step})
+            if done % t.eval_every == 0 or done == t.steps:
+                evaluate_now(done)
+        bar.close()
+        checkpointer.close()
+        summary = finish(cfg, run_dir, model_from_state(graphdef, state.params, rest), val_rows, history,
+                         n_params, train_seconds)
+        summary["devices"] = mesh.size
+        tracker.log_summary(summary)
+    return summary
+
+
+def baseline_eval(cfg: TrainRunConfig, val_rows: np.ndarray, history: History) -> None:
+    """For a pretrained model whose activation was swapped: the original model's loss and sparsity."""
+    spec = cfg.model
+    if spec.source is WeightSource.random or spec.activation is None:
+        return
+    original, _ = build_model(dataclasses.replace(spec, activation=None, ffn_thresholds=None))
+    if original.config.activation is spec.activation:
+        return
+    result = evaluate(original, val_rows, cfg.eval.batch_size)
+    history.append({**_eval_record("baseline", 0, 0, result, {}), "activation": original.config.activation.value})
+
+
+def finish(
+    cfg: TrainRunConfig, run_dir: Path, model: Transformer, val_rows: np.ndarray, history: History,
+    n_params: int, train_seconds: float,
+) -> dict[str, Any]:
+    """Final evaluations (incl. forced top-k), summary.json and the optional result record."""
+    records = history.records()
+    final = next(r for r in reversed(records) if r["kind"] == "eval")
+    summary: dict[str, Any] = {
+        "name": cfg.name,
+        "activation": model.config.activation.value,
+        "params": n_params,
+        "steps": cfg.train.steps,
+        "tokens": cfg.train.steps * cfg.train.tokens_per_step,
+        "val_perplexity": final["val_perplexity"],
+        "val_loss": final["val_loss"],
+        "sparsity": final["sparsity"],
+        "sparsity_per_layer": final["sparsity_per_layer"],
+        **{k: v for k, v in final.items() if k.startswith("val_perplexity_")},
+        "train_seconds_this_invocation": train_seconds,
+    }
+    for keep in cfg.eval.topk_keep:
+        result = evaluate_top_k(model, val_rows, cfg.eval.batch_size, keep)
+        summary[f"perplexity_top{round((1 - keep) * 100)}"] = result.perplexity
+    steps = [r for r in records if r["kind"] == "train"]
+    if steps:
+        summary["tokens_per_s"] = float(np.median([r["tokens_per_s"] for r in steps]))
+    first = next((r for r in records if r["kind"] == "eval" and r["step"] == 0), None)
+    if first is not None:
+        summary["start_val_perplexity"], summary["start_sparsity"] = first["val_perplexity"], first["sparsity"]
+    baseline = next((r for r in records if r["kind"] == "baseline"), None)
+    if baseline is not None:
+        summary["baseline_activation"] = baseline["activation"]
+        summary["baseline_val_perplexity"], summary["baseline_sparsity"] = (
+            baseline["val_perplexity"], baseline["sparsity"]
+        )
+    summary["command"] = current_command()
+    atomic_write_json(run_dir / SUMMARY_FILE, summary)
+    if cfg.record_as:
+        write_train_result(cfg, summary, records)
+    return summary
