@@ -238,3 +238,15 @@ def test_describe_machine():
     assert describe_machine(limited).startswith(
         "Test CPU 9000, 8 cores (quota 2), 31.2 GiB (limit 4.0 GiB), "
     )
+
+
+def test_series_are_kept_for_figures_but_not_rendered(tmp_path):
+    series = {"train": {"columns": ["step", "loss"], "rows": [[1, 5.25], [2, np.float32(4.5)]]}}
+    path = write(tmp_path, "curves", {"ppl": 3.0}, series=series)
+    loaded = load_result(path)
+    assert loaded["series"] == {"train": {"columns": ["step", "loss"], "rows": [[1, 5.25], [2, 4.5]]}}
+    document = render(tmp_path / "results", tmp_path / "RESULTS.md", figures_dir=tmp_path / "figures").read_text()
+    assert "`ppl`" in document  # the metrics are rendered, the series are not
+    assert "5.25" not in document
+    with pytest.raises(ValueError, match="train"):
+        write(tmp_path, "bad", {}, series={"train": {"columns": ["a"], "rows": [[1, 2]]}})
