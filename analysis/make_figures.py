@@ -3,7 +3,8 @@
 Usage: `python analysis/make_figures.py [--results-dir results] [--out-dir docs/figures]`.
 
 Each result whose name has a registered drawing function gets `<out-dir>/<name>.png` and `.pdf`;
-`python -m sparse_lm.results render` then links the PNGs from docs/RESULTS.md.
+`python -m sparse_lm.results render` then links the PNGs from docs/RESULTS.md. Drawing functions register
+in `figure_registry.py`: here (benchmarks, profiles) and in `figures_train.py` (training runs).
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import figures_train  # noqa: F401  (registers the training figures)
 import matplotlib
+from figure_registry import columns, find_figure, register, save, table
 from matplotlib.figure import Figure
 
 from sparse_lm.results import load_results
@@ -25,38 +28,6 @@ matplotlib.use("Agg")  # files only, never a window
 
 RESULTS_DIR = "results"
 FIGURES_DIR = "docs/figures"
-
-DrawFn = Callable[[dict[str, Any], Path], list[Path]]
-FIGURES: dict[str, DrawFn] = {}
-
-
-def register(name: str) -> Callable[[DrawFn], DrawFn]:
-    """Registers a drawing function for the result `name` and for `name_*` / `name-*` variants of it."""
-
-    def decorator(draw: DrawFn) -> DrawFn:
-        if name in FIGURES:
-            raise ValueError(f"a figure for {name!r} is already registered")
-        FIGURES[name] = draw
-        return draw
-
-    return decorator
-
-
-def find_figure(result_name: str) -> DrawFn | None:
-    """The drawing function registered for `result_name`, or for the longest registered prefix of it."""
-    for name in sorted(FIGURES, key=len, reverse=True):
-        if result_name == name or result_name.startswith((f"{name}_", f"{name}-")):
-            return FIGURES[name]
-    return None
-
-
-def save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
-    """Writes `fig` as `<stem>.png` and `<stem>.pdf`, without timestamps so reruns give identical files."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    png, pdf = out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"
-    fig.savefig(png, dpi=150, metadata={"Software": None})
-    fig.savefig(pdf, metadata={"CreationDate": None})
-    return [png, pdf]
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -116,18 +87,6 @@ def draw_decode_benchmark(result: dict[str, Any], out_dir: Path) -> list[Path]:
     if result.get("machine"):
         fig.supxlabel(describe_machine(result["machine"]), fontsize=7, color="0.4")
     return save(fig, out_dir, result["name"])
-
-
-def table(result: dict[str, Any], title_start: str) -> dict[str, Any]:
-    """The result's table whose title starts with `title_start`."""
-    for candidate in result.get("tables", []):
-        if candidate["title"].startswith(title_start):
-            return candidate
-    raise KeyError(f"result {result['name']!r} has no table titled {title_start!r}...")
-
-
-def columns(tab: dict[str, Any]) -> dict[str, list]:
-    return {name: [row[i] for row in tab["rows"]] for i, name in enumerate(tab["columns"])}
 
 
 @register("profile")

@@ -1,6 +1,5 @@
 """analysis/make_figures.py: the figure registry and the decode benchmark figure."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -26,15 +25,6 @@ DECODE_METRICS = {
     "llama_cpp_f32_tokens_per_s": 52.7,
     "llama_cpp_f32_paper_tokens_per_s": 60.0,
 }
-
-
-@pytest.fixture(scope="module")
-def make_figures():
-    """The script loaded as a module from its path (analysis/ is scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("make_figures", REPO_ROOT / "analysis" / "make_figures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write(results_dir, name, metrics):
