@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_ENV := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_ARENA_MAX=1
 
-.PHONY: setup demo eval test lint bench results clean
+.PHONY: setup demo eval test lint bench results sweep relufy clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,14 @@ lint: setup
 
 bench: setup
 	$(BENCH_ENV) $(PY) experiments/bench_decode.py record_as=decode_benchmark
+
+# Issue 4's training runs (each resumes when rerun): the from-scratch FFN study (5 x 12.6M models, ~50 min)
+# and the dReLU ReLU-fication of SmolLM2-135M (~40 min). Both write results/*.json.
+sweep: setup
+	$(BENCH_ENV) $(PY) experiments/train.py --multirun experiment=scratch_ffn_sweep
+
+relufy: setup
+	$(BENCH_ENV) $(PY) experiments/train.py experiment=relufy_smollm2_drelu
 
 results: setup
 	$(PY) -m sparse_lm.results render
