@@ -114,6 +114,25 @@ def plain_forward_seconds(model: Transformer, sequences: np.ndarray, batch_size:
     return float(np.median(times))
 
 
+def firing_thresholds(
+    model: Transformer, tokenizer, firing: FiringConfig, data: DataConfig, profile: ProfileConfig
+) -> np.ndarray:
+    """Per-layer magnitude thresholds: the given ones, or calibrated on other documents than `data`'s
+    (`calibration_data`) to `firing.target_sparsity`; zeros for rules without thresholds."""
+    n_layers = model.config.n_layers
+    if firing.thresholds is not None:
+        given = np.asarray(firing.thresholds, np.float64)
+        if len(given) not in (1, n_layers):
+            raise ValueError(f"firing.thresholds has {len(given)} values; give 1 or n_layers={n_layers}")
+        return np.broadcast_to(given, (n_layers,)).copy()
+    if not firing.needs_calibration():
+        return np.zeros(n_layers)
+    calibration = corpus_sequences(calibration_data(data), tokenizer, dataclasses.replace(
+        profile, tokens=max(firing.calibration_tokens, profile.seq_len * profile.batch_size)))
+    activations = collect_abs_activations(model, calibration, firing.calibration_tokens, profile.batch_size)
+    return calibrate_thresholds(activations, firing.target_sparsity)
+
+
 def fingerprint(cfg: ProfileRunConfig, data: DataConfig, thresholds: np.ndarray) -> str:
     blob = json.dumps([to_jsonable(cfg.model), to_jsonable(data), to_jsonable(cfg.firing),
                        cfg.profile.tokens, cfg.profile.seq_len, cfg.profile.batch_size, thresholds.tolist(),
@@ -150,19 +169,7 @@ def run(cfg: ProfileRunConfig, run_dir: str | Path) -> dict[str, Any]:
         domains = [cfg.data]
         if cfg.profile.compare_corpus is not None and cfg.profile.compare_corpus is not cfg.data.corpus:
             domains.append(cfg.data.replace(corpus=cfg.profile.compare_corpus, path=None))
-        thresholds = np.zeros(n_layers)
-        if cfg.firing.thresholds is not None:
-            given = np.asarray(cfg.firing.thresholds, np.float64)
-            if len(given) not in (1, n_layers):
-                raise ValueError(f"firing.thresholds has {len(given)} values; give 1 or n_layers={n_layers}")
-            thresholds = np.broadcast_to(given, (n_layers,)).copy()
-        elif cfg.firing.needs_calibration():
-            calibration = corpus_sequences(calibration_data(cfg.data), tokenizer, dataclasses.replace(
-                cfg.profile, tokens=max(cfg.firing.calibration_tokens, cfg.profile.seq_len * cfg.profile.batch_size)))
-            activations = collect_abs_activations(model, calibration, cfg.firing.calibration_tokens,
-                                                  cfg.profile.batch_size)
-            thresholds = calibrate_thresholds(activations, cfg.firing.target_sparsity)
-            del activations
+        thresholds = firing_thresholds(model, tokenizer, cfg.firing, cfg.data, cfg.profile)
         summary: dict[str, Any] = {
             "model": model.config.name,
             "activation": model.config.activation.value,
