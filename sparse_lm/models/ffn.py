@@ -96,6 +96,10 @@ class FFN(nnx.Module):
         self.activation = activation
         self.threshold = threshold
         self.keep_top: int | None = None  # forced top-k sparsity (evaluation); None keeps every neuron
+        # An activation predictor (logits over neurons from x) and its decision threshold: when set, the FFN
+        # keeps only the neurons predicted to fire (the dense reference of a predictor-gated sparse FFN).
+        self.predictor: nnx.Module | None = nnx.data(None)
+        self.predictor_threshold: float = 0.0
         self.w_gate = nnx.Param(init_in(rngs.params(), (d_model, d_ff), dtype)) if activation.gated else None
         self.w_up = nnx.Param(init_in(rngs.params(), (d_model, d_ff), dtype))
         self.w_down = nnx.Param(init_out(rngs.params(), (d_ff, d_model), dtype))
@@ -114,5 +118,8 @@ class FFN(nnx.Module):
             self._capture(CapturePoint.ffn_gate, gate)
         hidden = apply_threshold(activation_pair(self.activation, gate, up), self.threshold)
         hidden = keep_top_k(hidden, self.keep_top)
+        if self.predictor is not None:
+            predicted = self.predictor(x) > self.predictor_threshold
+            hidden = jnp.where(predicted, hidden, jnp.zeros_like(hidden))
         self._capture(CapturePoint.ffn_hidden, hidden)
         return hidden @ self.w_down[...]

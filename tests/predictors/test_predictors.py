@@ -1,0 +1,215 @@
+"""Predictors: calibration and metrics by hand, module shapes and checks, dataset shards, training on a
+learnable problem, storage, FFN gating, and the task end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparse_lm.models.capture import capture_forward, set_capture
+from sparse_lm.models.ffn import CapturePoint
+from sparse_lm.models.presets import TINY
+from sparse_lm.models.transformer import Transformer
+from sparse_lm.predictors import (
+    MetricsAccumulator,
+    PredictorSet,
+    PredictorTrainConfig,
+    attach,
+    calibrate_threshold,
+    load_predictors,
+    save_predictors,
+)
+from sparse_lm.predictors.dataset import DatasetError, collect, layer_batches, open_dataset
+from sparse_lm.predictors.module import LowRankPredictor, ffn_params, predictor_params
+from sparse_lm.predictors.train import calibrate, measure, train_layer
+from sparse_lm.profiling.firing import FiringConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_threshold_reaches_the_target_recall_exactly():
+    logits = np.array([[0.1, 0.5, -1.0], [0.9, 2.0, 3.0]])
+    fired = np.array([[True, True, False], [True, True, False]])
+    threshold = calibrate_threshold(logits, fired, 0.75)  # keep the 3 largest positive logits: 0.5, 0.9, 2.0
+    assert 0.1 < threshold < 0.5
+    predicted = logits > threshold
+    assert (predicted & fired).sum() / fired.sum() == 0.75
+    assert calibrate_threshold(logits, fired, 1.0) < 0.1
+    assert calibrate_threshold(logits, np.zeros_like(fired), 0.9) == math.inf
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="target recall"):
+            calibrate_threshold(logits, fired, bad)
+    with pytest.raises(ValueError, match="predictor.target_recall"):
+        PredictorTrainConfig(target_recall=0.0)
+
+
+def test_metrics_by_hand():
+    predicted = np.array([[1, 1, 0, 0], [1, 0, 1, 0]], bool)
+    fired = np.array([[1, 0, 1, 0], [1, 0, 0, 0]], bool)
+    absolute = np.array([[2.0, 0.0, 3.0, 1.0], [4.0, 0.0, 0.0, 0.0]])
+    acc = MetricsAccumulator()
+    acc.add(predicted, fired, absolute)
+    m = acc.result()
+    assert m.recall == pytest.approx(2 / 3) and m.precision == pytest.approx(2 / 4)
+    assert m.f1 == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    assert m.predicted_active == 4 / 8 and m.true_active == 3 / 8
+    assert m.missed_mass == pytest.approx(3.0 / 10.0)
+    assert m.predicted_over_true == pytest.approx(4 / 3)
+
+
+def test_predictor_module_and_set_checks():
+    predictor = LowRankPredictor(8, 3, 20, "relu", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (5, 8))
+    expected = jax.nn.relu(x @ predictor.w1[...] + predictor.b1[...]) @ predictor.w2[...] + predictor.b2[...]
+    np.testing.assert_allclose(predictor(x), expected, rtol=1e-6)
+    linear = LowRankPredictor(8, 3, 20, "none", rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(linear(x), (x @ linear.w1[...] + linear.b1[...]) @ linear.w2[...] + linear.b2[...],
+                               rtol=1e-6)
+    predictors = PredictorSet(TINY, [4, 8], rngs=nnx.Rngs(0))
+    assert predictors.param_counts() == [predictor_params(64, 4, 128), predictor_params(64, 8, 128)]
+    assert predictors.overhead(TINY)[1] == pytest.approx((64 * 8 + 8 + 8 * 128 + 128) / (3 * 64 * 128))
+    assert ffn_params(TINY) == 3 * 64 * 128
+    with pytest.raises(ValueError, match="3 predictor ranks for a model of 2 layers"):
+        PredictorSet(TINY, [4, 4, 4], rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="d_ff=128 but model"):
+        predictors.check_fits(TINY.replace(d_ff=256))
+    with pytest.raises(ValueError, match="cover 2 layers but model"):
+        predictors.check_fits(TINY.replace(n_layers=3))
+
+
+def _model():
+    return Transformer(TINY.replace(activation="relu"), rngs=nnx.Rngs(0))
+
+
+def test_dataset_shards_hold_the_inputs_and_firing_masks(tmp_path):
+    model = _model()
+    sequences = np.asarray(jax.random.randint(jax.random.key(1), (10, 16), 0, 257), np.int32)
+    firing = FiringConfig(rule="positive")
+    manifest = collect(model, sequences, firing, np.zeros(2), tmp_path / "ds", batch_size=2, batches_per_shard=2,
+                       with_abs=True, fingerprint="abc", progress=False)
+    assert manifest.shards == 3 and manifest.tokens_per_shard == 64
+    _, shards = open_dataset(tmp_path / "ds")
+    assert [s.name for s in shards] == ["shard_00000", "shard_00001", "shard_00002"]
+    set_capture(model, [CapturePoint.ffn_input, CapturePoint.ffn_hidden])
+    _, captured = capture_forward(model, jnp.asarray(sequences))
+    set_capture(model, [])
+    batches = list(layer_batches(shards, 1, 128, 1000, with_abs=True))
+    x = np.concatenate([b.x for b in batches])
+    fired = np.concatenate([b.fired for b in batches])
+    absolute = np.concatenate([b.abs_hidden for b in batches])
+    hidden = np.asarray(captured[CapturePoint.ffn_hidden][1]).reshape(-1, 128)
+    np.testing.assert_allclose(x, np.asarray(captured[CapturePoint.ffn_input][1]).reshape(-1, 64), rtol=1e-3,
+                               atol=1e-3)  # stored as float16
+    np.testing.assert_array_equal(fired, hidden > 0)
+    np.testing.assert_allclose(absolute, np.abs(hidden), rtol=1e-3, atol=1e-4)
+    # resume: a shard cut by a kill is redone, complete ones are kept
+    (tmp_path / "ds" / "shard_00002").rename(tmp_path / "ds" / "shard_00002.tmp")
+    before = (tmp_path / "ds" / "shard_00000" / "x_0.npy").stat().st_mtime_ns
+    collect(model, sequences, firing, np.zeros(2), tmp_path / "ds", batch_size=2, batches_per_shard=2,
+            with_abs=True, fingerprint="abc", progress=False)
+    assert (tmp_path / "ds" / "shard_00002").is_dir() and not (tmp_path / "ds" / "shard_00002.tmp").exists()
+    assert (tmp_path / "ds" / "shard_00000" / "x_0.npy").stat().st_mtime_ns == before
+    with pytest.raises(DatasetError, match="another predictor dataset"):
+        collect(model, sequences, firing, np.zeros(2), tmp_path / "ds", batch_size=2, batches_per_shard=2,
+                with_abs=True, fingerprint="other", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no manifest.json"):
+        open_dataset(tmp_path / "empty")
+
+
+def _synthetic_shards(folder: Path, n_shards: int, seed: int, d: int = 16, f: int = 64, tokens: int = 512):
+    """Firing that a rank-4 predictor can learn exactly: fired = (x U) V > 0.5."""
+    rng = np.random.default_rng(0)
+    u, v = rng.normal(size=(d, 4)), rng.normal(size=(4, f))
+    data_rng = np.random.default_rng(seed)
+    shards = []
+    for index in range(n_shards):
+        x = data_rng.normal(size=(tokens, d)).astype(np.float16)
+        fired = (x.astype(np.float64) @ u @ v) > 0.5
+        shard = folder / f"shard_{index:05d}"
+        shard.mkdir(parents=True)
+        np.save(shard / "x_0.npy", x)
+        np.save(shard / "fired_0.npy", np.packbits(fired, axis=1))
+        np.save(shard / "abs_0.npy", np.abs(x.astype(np.float64) @ u @ v).astype(np.float16))
+        shards.append(shard)
+    return shards
+
+
+@pytest.mark.parametrize("loss", ["bce", "focal"])
+def test_training_learns_a_learnable_firing_pattern(tmp_path, loss):
+    train = _synthetic_shards(tmp_path / "train", 3, seed=1)
+    val = _synthetic_shards(tmp_path / "val", 2, seed=2)
+    cfg = PredictorTrainConfig(hidden_activation="none", loss=loss, epochs=8, batch_tokens=128, lr=1e-2)
+    predictor, losses = train_layer(train, 0, 16, 64, 8, cfg)
+    assert losses[-1] < 0.5 * losses[0]
+    threshold = calibrate(predictor, val[:1], 0, 64, 0.95)
+    metrics = measure(predictor, threshold, val[1:], 0, 64, with_abs=True)
+    assert metrics.recall > 0.9 and metrics.precision > 0.8
+    assert metrics.predicted_over_true < 1.25 and metrics.missed_mass < 0.05
+
+
+def test_saved_predictors_gate_the_ffn(tmp_path):
+    model = _model()
+    predictors = PredictorSet(model.config, [4, 6], rngs=nnx.Rngs(3))
+    predictors.thresholds[...] = jnp.array([0.1, -0.2])
+    save_predictors(tmp_path / "p", predictors, model.config)
+    loaded = load_predictors(tmp_path / "p", model.config)
+    assert loaded.ranks == (4, 6)
+    np.testing.assert_allclose(loaded.thresholds[...], [0.1, -0.2], rtol=1e-6)
+    np.testing.assert_array_equal(loaded.layers[1].w2[...], predictors.layers[1].w2[...])
+    with pytest.raises(ValueError, match="d_ff"):
+        load_predictors(tmp_path / "p", model.config.replace(d_ff=64))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 257, (2, 12)), jnp.int32)
+    set_capture(model, [CapturePoint.ffn_input, CapturePoint.ffn_hidden])
+    _, dense = capture_forward(model, tokens)
+    attach(model, loaded)
+    _, gated = capture_forward(model, tokens)
+    attach(model, None)
+    set_capture(model, [])
+    for layer in range(2):
+        x = dense[CapturePoint.ffn_input][layer] if layer == 0 else gated[CapturePoint.ffn_input][layer]
+        keep = loaded.layers[layer](x) > loaded.thresholds[...][layer]
+        expected = jnp.where(keep, gated[CapturePoint.ffn_hidden][layer], 0)
+        np.testing.assert_allclose(gated[CapturePoint.ffn_hidden][layer], expected, rtol=1e-6)
+        assert 0 < float(keep.mean()) < 1
+    logits_after, _ = model(tokens)  # detached again: the dense model
+    logits_dense, _ = Transformer(TINY.replace(activation="relu"), rngs=nnx.Rngs(0))(tokens)
+    np.testing.assert_allclose(logits_after, logits_dense, rtol=1e-5, atol=1e-5)
+
+
+def test_task_end_to_end_and_bad_ranks(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text((ROOT / "tests" / "fixtures" / "pydocs_sample" / "tutorial" / "interactive.rst.txt").read_text()
+                    * 3)
+    command = [
+        sys.executable, str(ROOT / "experiments" / "train_predictor.py"), "model=tiny", "model.activation=relu",
+        "data=textfile", f"data.path={text}", "data.split=all", f"data.cache_dir={tmp_path / 'cache'}",
+        "firing=positive", "dataset.train_tokens=2048", "dataset.validation_tokens=1024", "dataset.seq_len=64",
+        "dataset.batches_per_shard=2", "predictor.epochs=2", "predictor.batch_tokens=256", "ranks=[16]",
+        "perplexity_tokens=1000", "progress=false", "tracker=noop", "record_as=predictors_tiny",
+        f"results_dir={tmp_path / 'results'}", f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    result = json.loads((tmp_path / "results" / "predictors_tiny.json").read_text())
+    assert len(summary["recall"]) == 2 and summary["ranks"] == [16, 16]
+    assert summary["train_pairs"] == 2048
+    assert result["metrics"]["perplexity_dense"] == pytest.approx(summary["perplexity_dense"])
+    assert [row[0] for row in result["tables"][0]["rows"]] == [0, 1]
+    assert all(0 < p <= 1 for p in summary["predicted_active"])
+    assert summary["predictor_param_share"] == pytest.approx(summary["predictor_params"] / TINY.replace(activation="relu").param_count())
+    bad = subprocess.run(command[:-1] + [f"hydra.run.dir={tmp_path / 'bad'}", "ranks=[4,4,4]"], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "ranks has 3 values; give 1 or n_layers=2" in bad.stderr
