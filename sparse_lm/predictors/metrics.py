@@ -28,6 +28,18 @@ def calibrate_threshold(
     return float(np.nextafter(smallest_kept, -np.inf))
 
 
+def budget_threshold(logits: Float[np.ndarray, "T F"], fired: Bool[np.ndarray, "T F"], ratio: float) -> float:
+    """The logit threshold predicting `ratio` times as many (token, neuron) cells as fire: the operating point
+    of a fixed compute budget, at which recall shows the predictor's quality."""
+    if ratio <= 0:
+        raise ValueError(f"budget ratio must be positive, got {ratio}")
+    n_predicted = min(int(round(ratio * int(fired.sum()))), logits.size)
+    if n_predicted == 0:
+        return float("inf")
+    flat = np.sort(logits.reshape(-1).astype(np.float64))
+    return float(np.nextafter(flat[flat.size - n_predicted], -np.inf))
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerMetrics:
     recall: float

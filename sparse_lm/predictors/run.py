@@ -18,7 +18,9 @@ from sparse_lm.eval.perplexity import perplexity
 from sparse_lm.models.loading import ModelSpec, build_model
 from sparse_lm.models.transformer import count_params
 from sparse_lm.predictors.dataset import collect, open_dataset
-from sparse_lm.predictors.module import PredictorSet, ffn_params
+from sparse_lm.predictors.metrics import LayerMetrics
+from sparse_lm.predictors.module import PredictorSet
+from sparse_lm.predictors.sizing import choose_ranks, uniform_rank_of_equal_size
 from sparse_lm.predictors.store import attach, save_predictors
 from sparse_lm.predictors.train import PredictorTrainConfig, calibrate, measure, train_layer
 from sparse_lm.profiling.firing import FiringConfig
@@ -52,6 +54,23 @@ class PredictorDataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SizingConfig:
+    """Adaptive sizing (see `sizing.choose_ranks`): with candidate ranks, every layer is fitted at each, the
+    smallest rank within `max_over_true` is chosen per layer, and a uniform rank of equal total size is fitted
+    for comparison. Empty `candidate_ranks`: the run uses `ranks` as given."""
+
+    candidate_ranks: tuple[int, ...] = ()
+    max_over_true: float = 1.25
+
+    def __post_init__(self):
+        object.__setattr__(self, "candidate_ranks", tuple(sorted(int(r) for r in self.candidate_ranks)))
+        if any(r < 1 for r in self.candidate_ranks):
+            raise ValueError(f"sizing.candidate_ranks must be positive, got {self.candidate_ranks}")
+        if self.max_over_true < 1:
+            raise ValueError(f"sizing.max_over_true must be >= 1, got {self.max_over_true}")
+
+
+@dataclasses.dataclass(frozen=True)
 class PredictorRunConfig:
     """Schema of `conf/train_predictor.yaml`. `ranks`: one rank for every layer, or one per layer."""
 
@@ -61,6 +80,7 @@ class PredictorRunConfig:
     dataset: PredictorDataConfig = dataclasses.field(default_factory=PredictorDataConfig)
     predictor: PredictorTrainConfig = dataclasses.field(default_factory=PredictorTrainConfig)
     ranks: tuple[int, ...] = (64,)
+    sizing: SizingConfig = dataclasses.field(default_factory=SizingConfig)
     perplexity_tokens: int = 16384
     tracker: TrackerConfig = dataclasses.field(default_factory=TrackerConfig)
     progress: bool = True
@@ -105,6 +125,72 @@ def build_dataset(cfg: PredictorRunConfig, model, tokenizer, thresholds: np.ndar
     return folders
 
 
+@dataclasses.dataclass
+class FittedLayers:
+    """Predictors fitted at given per-layer ranks, and their validation measurements."""
+
+    predictors: PredictorSet
+    metrics: list[LayerMetrics]  # at the recall-calibrated threshold
+    budget_recall: list[float]  # recall when predicting max_over_true x the firing cells
+    final_loss: list[float]
+
+
+def fit_layers(
+    cfg: PredictorRunConfig, config, ranks: tuple[int, ...], train_shards: list[Path], calibration_shards: list[Path],
+    measure_shards: list[Path], label: str,
+) -> FittedLayers:
+    predictors = PredictorSet(config, ranks, cfg.predictor.hidden_activation, rngs=nnx.Rngs(cfg.predictor.seed))
+    metrics, budget_recall, final_loss = [], [], []
+    thresholds = np.zeros(config.n_layers, np.float32)
+    bar = tqdm(range(config.n_layers), desc=f"predictors {label}", unit="layer", disable=not cfg.progress)
+    for layer in bar:
+        predictor, losses = train_layer(train_shards, layer, config.d_model, config.d_ff, ranks[layer], cfg.predictor)
+        threshold, budget = calibrate(predictor, calibration_shards, layer, config.d_ff, cfg.predictor.target_recall,
+                                      budget_ratio=cfg.sizing.max_over_true)
+        layer_metrics = measure(predictor, threshold, measure_shards, layer, config.d_ff, with_abs=True)
+        budget_recall.append(measure(predictor, budget, measure_shards, layer, config.d_ff, with_abs=False).recall)
+        nnx.update(predictors.layers[layer], nnx.state(predictor))
+        thresholds[layer] = threshold
+        metrics.append(layer_metrics)
+        final_loss.append(losses[-1])
+        bar.set_postfix(recall=f"{layer_metrics.recall:.3f}", over=f"{layer_metrics.predicted_over_true:.2f}")
+    predictors.thresholds[...] = thresholds
+    return FittedLayers(predictors, metrics, budget_recall, final_loss)
+
+
+def combine_layers(config, hidden_activation, chosen: tuple[int, ...], fitted: dict[int, FittedLayers]) -> FittedLayers:
+    """Layer l from the fit at rank chosen[l]."""
+    predictors = PredictorSet(config, chosen, hidden_activation, rngs=nnx.Rngs(0))
+    thresholds = np.zeros(config.n_layers, np.float32)
+    for layer, rank in enumerate(chosen):
+        source = fitted[rank].predictors
+        nnx.update(predictors.layers[layer], nnx.state(source.layers[layer]))
+        thresholds[layer] = float(source.thresholds[...][layer])
+    predictors.thresholds[...] = thresholds
+    return FittedLayers(
+        predictors,
+        [fitted[r].metrics[layer] for layer, r in enumerate(chosen)],
+        [fitted[r].budget_recall[layer] for layer, r in enumerate(chosen)],
+        [fitted[r].final_loss[layer] for layer, r in enumerate(chosen)],
+    )
+
+
+def layer_summary(fit: FittedLayers, config, prefix: str = "") -> dict[str, Any]:
+    keys = ("recall", "precision", "f1", "predicted_active", "true_active", "missed_mass")
+    out: dict[str, Any] = {f"{prefix}{k}": [getattr(m, k) for m in fit.metrics] for k in keys}
+    out[f"{prefix}budget_recall"] = fit.budget_recall
+    out[f"{prefix}recall_mean"] = float(np.mean(out[f"{prefix}recall"]))
+    out[f"{prefix}precision_mean"] = float(np.mean(out[f"{prefix}precision"]))
+    out[f"{prefix}budget_recall_mean"] = float(np.mean(fit.budget_recall))
+    out[f"{prefix}predicted_active_mean"] = float(np.mean(out[f"{prefix}predicted_active"]))
+    out[f"{prefix}true_active_mean"] = float(np.mean(out[f"{prefix}true_active"]))
+    out[f"{prefix}predicted_over_true"] = float(
+        np.sum(out[f"{prefix}predicted_active"]) / np.sum(out[f"{prefix}true_active"]))
+    out[f"{prefix}missed_mass_mean"] = float(np.mean(out[f"{prefix}missed_mass"]))
+    out[f"{prefix}predictor_params"] = sum(fit.predictors.param_counts())
+    return out
+
+
 def run(cfg: PredictorRunConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -123,59 +209,69 @@ def run(cfg: PredictorRunConfig, run_dir: str | Path) -> dict[str, Any]:
         # thresholds are calibrated on one half of the validation shards and measured on the other
         calibration_shards, measure_shards = (val_shards[::2], val_shards[1::2]) if len(val_shards) > 1 else (
             val_shards, val_shards)
-        predictors = PredictorSet(config, ranks, cfg.predictor.hidden_activation, rngs=nnx.Rngs(cfg.predictor.seed))
-        per_layer: dict[str, list] = {k: [] for k in (
-            "recall", "precision", "f1", "predicted_active", "true_active", "missed_mass", "threshold",
-            "final_loss", "overhead")}
-        overhead = predictors.overhead(config)
-        decisions = np.zeros(config.n_layers, np.float32)
-        bar = tqdm(range(config.n_layers), desc="predictors", unit="layer", disable=not cfg.progress)
-        for layer in bar:
-            predictor, losses = train_layer(train_shards, layer, config.d_model, config.d_ff, ranks[layer],
-                                            cfg.predictor)
-            threshold = calibrate(predictor, calibration_shards, layer, config.d_ff, cfg.predictor.target_recall)
-            metrics = measure(predictor, threshold, measure_shards, layer, config.d_ff, with_abs=True)
-            nnx.update(predictors.layers[layer], nnx.state(predictor))
-            decisions[layer] = threshold
-            for key in ("recall", "precision", "f1", "predicted_active", "true_active", "missed_mass"):
-                per_layer[key].append(getattr(metrics, key))
-            per_layer["threshold"].append(threshold)
-            per_layer["final_loss"].append(losses[-1])
-            per_layer["overhead"].append(overhead[layer])
-            tracker.log({f"layer_{layer:02d}/{k}": v[-1] for k, v in per_layer.items()}, step=layer)
-            bar.set_postfix(recall=f"{metrics.recall:.3f}", over=f"{metrics.predicted_over_true:.2f}")
-        predictors.thresholds[...] = decisions
-        save_predictors(run_dir / "predictors", predictors, config)
+        shards = (train_shards, calibration_shards, measure_shards)
+        candidates: dict[int, FittedLayers] = {}
+        uniform: FittedLayers | None = None
+        met: tuple[bool, ...] = ()
+        if cfg.sizing.candidate_ranks:
+            for rank in cfg.sizing.candidate_ranks:
+                candidates[rank] = fit_layers(cfg, config, (rank,) * config.n_layers, *shards, label=f"rank {rank}")
+            ranks, met = choose_ranks({r: f.metrics for r, f in candidates.items()}, cfg.sizing.max_over_true)
+            main = combine_layers(config, cfg.predictor.hidden_activation, ranks, candidates)
+            uniform_rank = uniform_rank_of_equal_size(ranks)
+            uniform = candidates.get(uniform_rank) or fit_layers(
+                cfg, config, (uniform_rank,) * config.n_layers, *shards, label=f"uniform {uniform_rank}")
+        else:
+            main = fit_layers(cfg, config, ranks, *shards, label="")
+        for layer, m in enumerate(main.metrics):
+            tracker.log({"recall": m.recall, "precision": m.precision, "predicted_active": m.predicted_active,
+                         "true_active": m.true_active, "missed_mass": m.missed_mass, "rank": ranks[layer]},
+                        step=layer)
+        save_predictors(run_dir / "predictors", main.predictors, config)
 
         val_data = cfg.data.replace(split=Split.validation) if cfg.data.corpus.value != "textfile" else cfg.data
         tokens = split_tokens(val_data, tokenizer, progress=cfg.progress)[: cfg.perplexity_tokens]
-        dense = perplexity(model, tokens, context=cfg.dataset.seq_len, progress=cfg.progress)
-        attach(model, predictors)
-        gated = perplexity(model, tokens, context=cfg.dataset.seq_len, progress=cfg.progress)
-        attach(model, None)
-        predictor_total = sum(predictors.param_counts())
+
+        def gated_perplexity(predictors: PredictorSet | None) -> float:
+            attach(model, predictors)
+            try:
+                return perplexity(model, tokens, context=cfg.dataset.seq_len, progress=cfg.progress).perplexity
+            finally:
+                attach(model, None)
+
+        dense = gated_perplexity(None)
+        gated = gated_perplexity(main.predictors)
+        overhead = main.predictors.overhead(config)
         summary: dict[str, Any] = {
             "model": config.name,
             "activation": config.activation.value,
             "firing_rule": cfg.firing.rule.value,
+            "firing_thresholds": thresholds.tolist(),
             "ranks": list(ranks),
-            **per_layer,
-            "recall_mean": float(np.mean(per_layer["recall"])),
-            "precision_mean": float(np.mean(per_layer["precision"])),
-            "predicted_active_mean": float(np.mean(per_layer["predicted_active"])),
-            "true_active_mean": float(np.mean(per_layer["true_active"])),
-            "predicted_over_true": float(np.sum(per_layer["predicted_active"]) / np.sum(per_layer["true_active"])),
-            "missed_mass_mean": float(np.mean(per_layer["missed_mass"])),
+            **layer_summary(main, config),
+            "threshold": np.asarray(main.predictors.thresholds[...]).tolist(),
+            "final_loss": main.final_loss,
+            "overhead": overhead,
             "overhead_max": float(np.max(overhead)),
-            "perplexity_dense": dense.perplexity,
-            "perplexity_predicted": gated.perplexity,
-            "perplexity_change": gated.perplexity / dense.perplexity - 1,
-            "predictor_params": predictor_total,
-            "predictor_param_share": predictor_total / count_params(model),
-            "ffn_param_share": predictor_total / (config.n_layers * ffn_params(config)),
+            "perplexity_dense": dense,
+            "perplexity_predicted": gated,
+            "perplexity_change": gated / dense - 1,
+            "predictor_param_share": sum(main.predictors.param_counts()) / count_params(model),
             "train_pairs": sum(np.load(s / "x_0.npy", mmap_mode="r").shape[0] for s in train_shards),
-            "command": current_command(),
+            "target_recall": cfg.predictor.target_recall,
         }
+        if candidates:
+            summary["sizing_met_bound"] = list(met)
+            summary["uniform_rank"] = int(uniform.predictors.ranks[0])
+            summary.update(layer_summary(uniform, config, prefix="uniform_"))
+            summary["uniform_perplexity_predicted"] = gated_perplexity(uniform.predictors)
+            summary["candidates"] = {
+                str(rank): {"recall": [m.recall for m in fit.metrics],
+                            "predicted_over_true": [m.predicted_over_true for m in fit.metrics],
+                            "budget_recall": fit.budget_recall}
+                for rank, fit in candidates.items()
+            }
+        summary["command"] = current_command()
         tracker.log_summary({k: v for k, v in summary.items() if isinstance(v, int | float | str)})
         atomic_write_json(run_dir / "summary.json", to_jsonable(summary))
     if cfg.record_as:
@@ -184,24 +280,43 @@ def run(cfg: PredictorRunConfig, run_dir: str | Path) -> dict[str, Any]:
 
 
 def write_predictor_result(cfg: PredictorRunConfig, summary: dict[str, Any]) -> Path:
-    keys = ("recall", "precision", "predicted_active", "true_active", "missed_mass", "overhead")
+    keys = ("recall", "precision", "predicted_active", "true_active", "budget_recall", "missed_mass", "overhead")
     rows = [[layer, summary["ranks"][layer], *(summary[k][layer] for k in keys)]
             for layer in range(len(summary["recall"]))]
     metrics = {k: summary[k] for k in (
-        "model", "activation", "firing_rule", "recall_mean", "precision_mean", "predicted_active_mean",
-        "true_active_mean", "predicted_over_true", "missed_mass_mean", "overhead_max", "perplexity_dense",
-        "perplexity_predicted", "perplexity_change", "predictor_params", "predictor_param_share", "train_pairs")}
+        "model", "activation", "firing_rule", "target_recall", "recall_mean", "precision_mean",
+        "predicted_active_mean", "true_active_mean", "predicted_over_true", "budget_recall_mean", "missed_mass_mean",
+        "overhead_max", "perplexity_dense", "perplexity_predicted", "perplexity_change", "predictor_params",
+        "predictor_param_share", "train_pairs")}
+    tables = [{"title": "Per layer", "columns": ["layer", "rank", *keys], "rows": rows}]
+    series = {}
+    if "candidates" in summary:
+        compare = ("predictor_params", "recall_mean", "precision_mean", "predicted_over_true", "budget_recall_mean",
+                   "missed_mass_mean")
+        tables.append({
+            "title": f"Adaptive ranks vs one uniform rank ({summary['uniform_rank']}) of equal total size",
+            "columns": ["sizing", *compare, "perplexity_predicted"],
+            "rows": [["adaptive", *(summary[k] for k in compare), summary["perplexity_predicted"]],
+                     ["uniform", *(summary[f"uniform_{k}"] for k in compare), summary["uniform_perplexity_predicted"]]],
+        })
+        series["candidates"] = {
+            "columns": ["rank", "layer", "recall", "predicted_over_true", "budget_recall"],
+            "rows": [[int(rank), layer, c["recall"][layer], c["predicted_over_true"][layer], c["budget_recall"][layer]]
+                     for rank, c in summary["candidates"].items() for layer in range(len(c["recall"]))],
+        }
+        metrics["uniform_rank"] = summary["uniform_rank"]
+        metrics["uniform_perplexity_predicted"] = summary["uniform_perplexity_predicted"]
+        metrics["uniform_budget_recall_mean"] = summary["uniform_budget_recall_mean"]
     notes = (
         f"Thresholds calibrated per layer to recall {cfg.predictor.target_recall} on half of the validation "
         "pairs, measured on the other half. `predicted_active` / `true_active`: share of neurons predicted / "
-        "firing per token. `missed_mass`: sum of |a| over firing neurons the predictor missed / sum of |a|. "
-        "`overhead`: predictor FLOPs (= f32 bytes) / the dense FFN's. Perplexity: every FFN keeps only the "
-        "neurons its predictor selects."
+        "firing per token. `budget_recall`: recall when each layer predicts "
+        f"{cfg.sizing.max_over_true}x its firing cells. `missed_mass`: sum of |a| over firing neurons the "
+        "predictor missed / sum of |a|. `overhead`: predictor FLOPs (= f32 bytes) / the dense FFN's. Perplexity: "
+        "every FFN keeps only the neurons its predictor selects."
     )
     return write_result(
         cfg.record_as, metrics, command=summary["command"],
         title=f"Activation predictors: {summary['model']} ({summary['activation']}, {summary['firing_rule']} rule)",
-        notes=notes,
-        tables=[{"title": "Per layer", "columns": ["layer", "rank", *keys], "rows": rows}],
-        results_dir=cfg.results_dir,
+        notes=notes, tables=tables, series=series, results_dir=cfg.results_dir,
     )

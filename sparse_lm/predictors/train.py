@@ -19,7 +19,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float
 
 from sparse_lm.predictors.dataset import layer_batches
-from sparse_lm.predictors.metrics import LayerMetrics, MetricsAccumulator, calibrate_threshold
+from sparse_lm.predictors.metrics import LayerMetrics, MetricsAccumulator, budget_threshold, calibrate_threshold
 from sparse_lm.predictors.module import HiddenActivation, LowRankPredictor
 from sparse_lm.utils.config import coerce_enums
 
@@ -135,14 +135,19 @@ def predict_logits(predictor: LowRankPredictor, x: np.ndarray) -> np.ndarray:
 
 def calibrate(
     predictor: LowRankPredictor, shards: list[Path], layer: int, d_ff: int, target_recall: float,
-    batch_tokens: int = 4096,
-) -> float:
-    """The largest logit threshold reaching `target_recall` on the tokens of `shards`."""
+    budget_ratio: float | None = None, batch_tokens: int = 4096,
+) -> float | tuple[float, float]:
+    """The largest logit threshold reaching `target_recall` on the tokens of `shards`; with `budget_ratio`,
+    also the threshold predicting that many times the firing cells (see `budget_threshold`)."""
     logits, fired = [], []
     for batch in layer_batches(shards, layer, d_ff, batch_tokens):
         logits.append(predict_logits(predictor, batch.x))
         fired.append(batch.fired)
-    return calibrate_threshold(np.concatenate(logits), np.concatenate(fired), target_recall)
+    all_logits, all_fired = np.concatenate(logits), np.concatenate(fired)
+    threshold = calibrate_threshold(all_logits, all_fired, target_recall)
+    if budget_ratio is None:
+        return threshold
+    return threshold, budget_threshold(all_logits, all_fired, budget_ratio)
 
 
 def measure(

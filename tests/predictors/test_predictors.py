@@ -30,7 +30,9 @@ from sparse_lm.predictors import (
     save_predictors,
 )
 from sparse_lm.predictors.dataset import DatasetError, collect, layer_batches, open_dataset
+from sparse_lm.predictors.metrics import LayerMetrics, budget_threshold
 from sparse_lm.predictors.module import LowRankPredictor, ffn_params, predictor_params
+from sparse_lm.predictors.sizing import choose_ranks, uniform_rank_of_equal_size
 from sparse_lm.predictors.train import calibrate, measure, train_layer
 from sparse_lm.profiling.firing import FiringConfig
 
@@ -209,7 +211,67 @@ def test_task_end_to_end_and_bad_ranks(tmp_path):
     assert result["metrics"]["perplexity_dense"] == pytest.approx(summary["perplexity_dense"])
     assert [row[0] for row in result["tables"][0]["rows"]] == [0, 1]
     assert all(0 < p <= 1 for p in summary["predicted_active"])
-    assert summary["predictor_param_share"] == pytest.approx(summary["predictor_params"] / TINY.replace(activation="relu").param_count())
+    model_params = TINY.replace(activation="relu").param_count()
+    assert summary["predictor_param_share"] == pytest.approx(summary["predictor_params"] / model_params)
     bad = subprocess.run(command[:-1] + [f"hydra.run.dir={tmp_path / 'bad'}", "ranks=[4,4,4]"], env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "ranks has 3 values; give 1 or n_layers=2" in bad.stderr
+
+
+def _metrics(over_true: float) -> LayerMetrics:
+    return LayerMetrics(recall=0.95, precision=0.95 / over_true, f1=0.9, predicted_active=0.1 * over_true,
+                        true_active=0.1, missed_mass=0.01)
+
+
+def test_adaptive_sizing_picks_the_smallest_rank_within_the_bound():
+    candidates = {
+        16: [_metrics(1.1), _metrics(2.0), _metrics(3.0)],
+        64: [_metrics(1.05), _metrics(1.2), _metrics(2.5)],
+        32: [_metrics(1.08), _metrics(1.6), _metrics(2.2)],
+    }
+    ranks, met = choose_ranks(candidates, 1.25)
+    assert ranks == (16, 64, 32) and met == (True, True, False)  # layer 2: no rank fits, the closest is chosen
+    assert uniform_rank_of_equal_size(ranks) == 37
+    with pytest.raises(ValueError, match="sizing.max_over_true"):
+        choose_ranks(candidates, 0.5)
+    with pytest.raises(ValueError, match="different layer counts"):
+        choose_ranks({16: [_metrics(1.0)], 32: []}, 1.25)
+
+
+def test_budget_threshold_predicts_the_requested_count():
+    logits = np.array([[3.0, 1.0, -1.0, 0.5], [2.0, 0.0, 4.0, -2.0]])
+    fired = np.array([[1, 0, 0, 0], [0, 0, 1, 0]], bool)  # 2 firing cells
+    threshold = budget_threshold(logits, fired, 1.5)  # 3 predicted cells: 4.0, 3.0, 2.0
+    assert (logits > threshold).sum() == 3 and 1.0 <= threshold < 2.0
+
+
+def test_sizing_run_compares_adaptive_with_uniform(tmp_path):
+    from sparse_lm.data import DataConfig
+    from sparse_lm.models.loading import ModelSpec
+    from sparse_lm.predictors.run import PredictorDataConfig, PredictorRunConfig, SizingConfig, run
+
+    text = tmp_path / "t.txt"
+    text.write_text((ROOT / "tests" / "fixtures" / "pydocs_sample" / "tutorial" / "interactive.rst.txt").read_text()
+                    * 3)
+    cfg = PredictorRunConfig(
+        model=ModelSpec(preset="tiny", source="random", activation="relu"),
+        data=DataConfig(corpus="textfile", path=str(text), split="all", cache_dir=str(tmp_path / "cache")),
+        firing=FiringConfig(rule="positive"),
+        dataset=PredictorDataConfig(train_tokens=2048, validation_tokens=1024, seq_len=64, batches_per_shard=2),
+        predictor=PredictorTrainConfig(epochs=2, batch_tokens=256),
+        sizing=SizingConfig(candidate_ranks=(4, 16), max_over_true=2.0),
+        perplexity_tokens=600, progress=False, record_as="predictors_sizing", results_dir=str(tmp_path / "results"),
+    )
+    summary = run(cfg, tmp_path / "run")
+    for layer, rank in enumerate(summary["ranks"]):
+        over = summary["candidates"][str(rank)]["predicted_over_true"][layer]
+        smaller = [r for r in (4, 16) if r < rank]
+        assert summary["sizing_met_bound"][layer] == (over <= 2.0)
+        if summary["sizing_met_bound"][layer]:
+            assert all(summary["candidates"][str(r)]["predicted_over_true"][layer] > 2.0 for r in smaller)
+    assert summary["uniform_rank"] == round(sum(summary["ranks"]) / 2)
+    result = json.loads((tmp_path / "results" / "predictors_sizing.json").read_text())
+    assert [row[0] for row in result["tables"][1]["rows"]] == ["adaptive", "uniform"]
+    assert len(result["series"]["candidates"]["rows"]) == 4  # 2 ranks x 2 layers
+    assert load_predictors(tmp_path / "run" / "predictors", TINY.replace(activation="relu")).ranks == tuple(
+        summary["ranks"])
