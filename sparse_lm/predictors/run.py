@@ -81,6 +81,7 @@ class PredictorRunConfig:
     predictor: PredictorTrainConfig = dataclasses.field(default_factory=PredictorTrainConfig)
     ranks: tuple[int, ...] = (64,)
     sizing: SizingConfig = dataclasses.field(default_factory=SizingConfig)
+    curve_recalls: tuple[float, ...] = (0.9, 0.99)
     perplexity_tokens: int = 16384
     tracker: TrackerConfig = dataclasses.field(default_factory=TrackerConfig)
     progress: bool = True
@@ -91,6 +92,9 @@ class PredictorRunConfig:
         object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
         if not self.ranks or any(r < 1 for r in self.ranks):
             raise ValueError(f"ranks must be positive integers, got {self.ranks}")
+        object.__setattr__(self, "curve_recalls", tuple(float(r) for r in self.curve_recalls))
+        if any(not 0 < r <= 1 for r in self.curve_recalls):
+            raise ValueError(f"curve_recalls must be in (0, 1], got {self.curve_recalls}")
         if self.perplexity_tokens < 2:
             raise ValueError(f"perplexity_tokens must be >= 2, got {self.perplexity_tokens}")
 
@@ -241,6 +245,21 @@ def run(cfg: PredictorRunConfig, run_dir: str | Path) -> dict[str, Any]:
 
         dense = gated_perplexity(None)
         gated = gated_perplexity(main.predictors)
+        curve = [[cfg.predictor.target_recall, float(np.mean([m.recall for m in main.metrics])),
+                  float(np.mean([m.predicted_active for m in main.metrics])), gated]]
+        decided = np.asarray(main.predictors.thresholds[...]).copy()
+        for target in cfg.curve_recalls:
+            if target == cfg.predictor.target_recall:
+                continue
+            layers = main.predictors.layers
+            moved = [calibrate(layers[i], calibration_shards, i, config.d_ff, target) for i in range(config.n_layers)]
+            measured = [measure(layers[i], moved[i], measure_shards, i, config.d_ff, with_abs=False)
+                        for i in range(config.n_layers)]
+            main.predictors.thresholds[...] = np.asarray(moved, np.float32)
+            curve.append([target, float(np.mean([m.recall for m in measured])),
+                          float(np.mean([m.predicted_active for m in measured])), gated_perplexity(main.predictors)])
+        main.predictors.thresholds[...] = decided
+        curve.sort()
         overhead = main.predictors.overhead(config)
         summary: dict[str, Any] = {
             "model": config.name,
@@ -256,6 +275,7 @@ def run(cfg: PredictorRunConfig, run_dir: str | Path) -> dict[str, Any]:
             "perplexity_dense": dense,
             "perplexity_predicted": gated,
             "perplexity_change": gated / dense - 1,
+            "recall_curve": curve,  # [target recall, measured recall, predicted active, perplexity]
             "predictor_param_share": sum(main.predictors.param_counts()) / count_params(model),
             "train_pairs": sum(np.load(s / "x_0.npy", mmap_mode="r").shape[0] for s in train_shards),
             "target_recall": cfg.predictor.target_recall,
@@ -289,6 +309,11 @@ def write_predictor_result(cfg: PredictorRunConfig, summary: dict[str, Any]) -> 
         "overhead_max", "perplexity_dense", "perplexity_predicted", "perplexity_change", "predictor_params",
         "predictor_param_share", "train_pairs")}
     tables = [{"title": "Per layer", "columns": ["layer", "rank", *keys], "rows": rows}]
+    tables.append({
+        "title": f"Perplexity against predicted sparsity (dense {summary['perplexity_dense']:.3f})",
+        "columns": ["target_recall", "recall_mean", "predicted_active_mean", "perplexity_predicted"],
+        "rows": summary["recall_curve"],
+    })
     series = {}
     if "candidates" in summary:
         compare = ("predictor_params", "recall_mean", "precision_mean", "predicted_over_true", "budget_recall_mean",

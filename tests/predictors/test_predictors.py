@@ -271,7 +271,10 @@ def test_sizing_run_compares_adaptive_with_uniform(tmp_path):
             assert all(summary["candidates"][str(r)]["predicted_over_true"][layer] > 2.0 for r in smaller)
     assert summary["uniform_rank"] == round(sum(summary["ranks"]) / 2)
     result = json.loads((tmp_path / "results" / "predictors_sizing.json").read_text())
-    assert [row[0] for row in result["tables"][1]["rows"]] == ["adaptive", "uniform"]
+    assert [row[0] for row in result["tables"][2]["rows"]] == ["adaptive", "uniform"]
+    curve = result["tables"][1]["rows"]  # target recalls 0.9, 0.95, 0.99: more recall, more neurons kept
+    assert [row[0] for row in curve] == [0.9, 0.95, 0.99]
+    assert curve[0][2] <= curve[1][2] <= curve[2][2]
     assert len(result["series"]["candidates"]["rows"]) == 4  # 2 ranks x 2 layers
     assert load_predictors(tmp_path / "run" / "predictors", TINY.replace(activation="relu")).ranks == tuple(
         summary["ranks"])
