@@ -4,7 +4,8 @@ Usage: `python analysis/make_figures.py [--results-dir results] [--out-dir docs/
 
 Each result whose name has a registered drawing function gets `<out-dir>/<name>.png` and `.pdf`;
 `python -m sparse_lm.results render` then links the PNGs from docs/RESULTS.md. Drawing functions register
-in `figure_registry.py`: here (benchmarks, profiles) and in `figures_train.py` (training runs).
+in `figure_registry.py`: here (benchmarks, profiles), in `figures_train.py` (training runs) and in
+`figures_predictors.py` (activation predictors).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import figures_predictors  # noqa: F401  (registers the activation-predictor figure)
 import figures_train  # noqa: F401  (registers the training figures)
 import matplotlib
 from figure_registry import columns, find_figure, register, save, table

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real SmolLM2-135M model, loaded once per session; the figure script of analysis/."""
+"""Shared fixtures: the real SmolLM2-135M model, loaded once per session; the figure script of analysis/; a
+small text file for tiny end-to-end runs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,15 @@ from pathlib import Path
 import pytest
 
 ANALYSIS_DIR = Path(__file__).resolve().parents[1] / "analysis"
+SAMPLE_TEXT = Path(__file__).resolve().parent / "fixtures" / "pydocs_sample" / "tutorial" / "interactive.rst.txt"
+
+
+@pytest.fixture()
+def text_file(tmp_path) -> Path:
+    """A ~20 KB UTF-8 text file (a Python tutorial page, three times) for the textfile corpus."""
+    path = tmp_path / "text.txt"
+    path.write_text(SAMPLE_TEXT.read_text() * 3)
+    return path
 
 
 @pytest.fixture(scope="session")

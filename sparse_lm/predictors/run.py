@@ -308,6 +308,7 @@ def write_predictor_result(cfg: PredictorRunConfig, summary: dict[str, Any]) -> 
         "predicted_active_mean", "true_active_mean", "predicted_over_true", "budget_recall_mean", "missed_mass_mean",
         "overhead_max", "perplexity_dense", "perplexity_predicted", "perplexity_change", "predictor_params",
         "predictor_param_share", "train_pairs")}
+    metrics["budget_ratio"] = cfg.sizing.max_over_true  # predicted / firing cells at which budget_recall is taken
     tables = [{"title": "Per layer", "columns": ["layer", "rank", *keys], "rows": rows}]
     tables.append({
         "title": f"Perplexity against predicted sparsity (dense {summary['perplexity_dense']:.3f})",

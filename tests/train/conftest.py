@@ -4,21 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from sparse_lm.data import DataConfig
 from sparse_lm.models.loading import ModelSpec
 from sparse_lm.train import TrainConfig, TrainEvalConfig, TrainRunConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = (ROOT / "tests" / "fixtures" / "pydocs_sample" / "tutorial" / "interactive.rst.txt").read_text() * 3
-
-
-@pytest.fixture()
-def text_file(tmp_path) -> Path:
-    path = tmp_path / "text.txt"
-    path.write_text(TEXT)
-    return path
 
 
 def tiny_run_config(text_file: Path, tmp_path: Path, **train_changes) -> TrainRunConfig:
