@@ -1,8 +1,10 @@
 """Firing rules: when does an FFN neuron count as active for a token.
 
-ReLU-family FFNs (reglu, drelu, relu, relu2) produce exact zeros, so `positive` (a > 0) is exact there and
-is what a sparse kernel may skip. SwiGLU never produces zeros: silu(gate) * up is negative about as often
-as positive, so for it `positive` only reports a sign, and a useful notion of firing needs a magnitude:
+ReLU-family FFNs (reglu, drelu, relu, relu2) produce exact zeros, so `nonzero` (a != 0) is exact there and
+is what a sparse kernel may skip; `positive` (a > 0) equals it for drelu, relu and relu2, whose a is never
+negative, but undercounts ReGLU, whose a = relu(gate) * up takes the sign of up. SwiGLU never produces
+zeros: silu(gate) * up is negative about as often as positive, so for it `positive` only reports a sign,
+and a useful notion of firing needs a magnitude:
 `magnitude` (|a| > t_layer, thresholds given or calibrated to a target sparsity, as TEAL and CATS do),
 `topk` (the k largest |a| of each token), or `gate_positive` (gate pre-activation > 0, the part of
 silu(gate) that is not squashed towards zero). Legend: B batch, L length, F d_ff.
@@ -23,6 +25,7 @@ from sparse_lm.utils.config import coerce_enums
 
 class FiringRule(str, enum.Enum):
     positive = "positive"  # a > 0
+    nonzero = "nonzero"  # a != 0 (exact firing of every ReLU-family FFN)
     magnitude = "magnitude"  # |a| > t (t per layer)
     topk = "topk"  # the k neurons of largest |a| in each token
     gate_positive = "gate_positive"  # gate pre-activation > 0 (gated FFNs)
@@ -84,6 +87,8 @@ def fire_mask(
     """Which neurons fire for each token under `rule`."""
     if rule is FiringRule.positive:
         return hidden > 0
+    if rule is FiringRule.nonzero:
+        return hidden != 0
     if rule is FiringRule.magnitude:
         if threshold is None:
             raise ValueError("rule magnitude needs a threshold")

@@ -34,7 +34,7 @@ def test_checkpoint_presets_run_on_a_trained_tiny_model(preset, text_file, tmp_p
     train(dataclasses.replace(tiny_run_config(text_file, tmp_path, steps=2)), trained)
     cfg = compose_predictor([f"experiment={preset}", f"model.path={trained}", "sizing.candidate_ranks=[4,8]",
                              f"data.cache_dir={tmp_path / 'cache'}", f"results_dir={tmp_path / 'results'}", *SMALL])
-    assert cfg.firing.rule.value == "positive" and cfg.record_as == preset
+    assert cfg.firing.rule.value == "nonzero" and cfg.record_as == preset
     summary = run(cfg, tmp_path / "run")
     assert summary["activation"] == "drelu" and set(summary["ranks"]) <= {4, 8}
     result = json.loads((tmp_path / "results" / f"{preset}.json").read_text())

@@ -15,6 +15,7 @@ GATE = jnp.array([[[1.0, -1.0, 0.2, -0.3, 0.0, 2.0]]])
 
 def test_rules_hand_computed():
     assert fire_mask(FiringRule.positive, HIDDEN).tolist() == [[[True, False, False, True, False, True]]]
+    assert fire_mask(FiringRule.nonzero, HIDDEN).tolist() == [[[True, True, False, True, True, True]]]
     assert fire_mask(FiringRule.magnitude, HIDDEN, threshold=0.1).tolist() == [
         [[True, True, False, False, False, True]]
     ]
