@@ -20,7 +20,7 @@ from sparse_lm.models.transformer import count_params
 from sparse_lm.predictors.dataset import collect, open_dataset
 from sparse_lm.predictors.metrics import LayerMetrics
 from sparse_lm.predictors.module import PredictorSet
-from sparse_lm.predictors.sizing import choose_ranks, uniform_rank_of_equal_size
+from sparse_lm.predictors.sizing import allocate_ranks, choose_ranks, uniform_rank_of_equal_size
 from sparse_lm.predictors.store import attach, save_predictors
 from sparse_lm.predictors.train import PredictorTrainConfig, calibrate, measure, train_layer
 from sparse_lm.profiling.firing import FiringConfig
@@ -55,12 +55,15 @@ class PredictorDataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SizingConfig:
-    """Adaptive sizing (see `sizing.choose_ranks`): with candidate ranks, every layer is fitted at each, the
-    smallest rank within `max_over_true` is chosen per layer, and a uniform rank of equal total size is fitted
-    for comparison. Empty `candidate_ranks`: the run uses `ranks` as given."""
+    """Adaptive sizing: with candidate ranks, every layer is fitted at each. Without `budget_rank`, the
+    smallest rank within `max_over_true` is chosen per layer (`sizing.choose_ranks`) and a uniform rank of
+    equal total size is fitted for comparison. With `budget_rank` (one of the candidates), the ranks maximising
+    the mean recall at `max_over_true` x the firing cells under the total size of that uniform rank are chosen
+    (`sizing.allocate_ranks`) and compared with it. Empty `candidate_ranks`: `ranks` as given."""
 
     candidate_ranks: tuple[int, ...] = ()
     max_over_true: float = 1.25
+    budget_rank: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "candidate_ranks", tuple(sorted(int(r) for r in self.candidate_ranks)))
@@ -68,6 +71,10 @@ class SizingConfig:
             raise ValueError(f"sizing.candidate_ranks must be positive, got {self.candidate_ranks}")
         if self.max_over_true < 1:
             raise ValueError(f"sizing.max_over_true must be >= 1, got {self.max_over_true}")
+        if self.budget_rank is not None and self.budget_rank not in self.candidate_ranks:
+            raise ValueError(
+                f"sizing.budget_rank={self.budget_rank} must be one of sizing.candidate_ranks {self.candidate_ranks}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,9 +227,16 @@ def run(cfg: PredictorRunConfig, run_dir: str | Path) -> dict[str, Any]:
         if cfg.sizing.candidate_ranks:
             for rank in cfg.sizing.candidate_ranks:
                 candidates[rank] = fit_layers(cfg, config, (rank,) * config.n_layers, *shards, label=f"rank {rank}")
-            ranks, met = choose_ranks({r: f.metrics for r, f in candidates.items()}, cfg.sizing.max_over_true)
+            if cfg.sizing.budget_rank is not None:
+                uniform_rank = cfg.sizing.budget_rank
+                ranks = allocate_ranks({r: f.budget_recall for r, f in candidates.items()},
+                                       uniform_rank * config.n_layers)
+                met = tuple(candidates[r].metrics[i].predicted_over_true <= cfg.sizing.max_over_true
+                            for i, r in enumerate(ranks))
+            else:
+                ranks, met = choose_ranks({r: f.metrics for r, f in candidates.items()}, cfg.sizing.max_over_true)
+                uniform_rank = uniform_rank_of_equal_size(ranks)
             main = combine_layers(config, cfg.predictor.hidden_activation, ranks, candidates)
-            uniform_rank = uniform_rank_of_equal_size(ranks)
             uniform = candidates.get(uniform_rank) or fit_layers(
                 cfg, config, (uniform_rank,) * config.n_layers, *shards, label=f"uniform {uniform_rank}")
         else:

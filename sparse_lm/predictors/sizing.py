@@ -47,3 +47,31 @@ def uniform_rank_of_equal_size(ranks: Sequence[int]) -> int:
     """The single rank whose predictors have the same total size as `ranks` (predictor size is linear in the
     rank for fixed d_model and d_ff)."""
     return max(1, round(sum(ranks) / len(ranks)))
+
+
+def allocate_ranks(scores: Mapping[int, Sequence[float]], budget: int) -> tuple[int, ...]:
+    """Per-layer ranks from the candidates maximising the summed score with the ranks summing to at most
+    `budget` (predictor size is linear in the rank, so this is a size budget). Exact dynamic programme.
+
+    Args:
+      scores: rank -> per-layer score (e.g. recall at a fixed prediction budget) of the predictor at that rank.
+      budget: total rank over all layers (n_layers x r gives the size of one uniform rank r).
+    """
+    ranks = sorted(scores)
+    n_layers = len(scores[ranks[0]])
+    if ranks[0] * n_layers > budget:
+        raise ValueError(f"budget {budget} is below the smallest allocation ({ranks[0]} x {n_layers} layers)")
+    # best[b] = (score, choice) of the layers so far using total rank b exactly; unreachable totals are absent
+    best: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
+    for layer in range(n_layers):
+        step: dict[int, tuple[float, tuple[int, ...]]] = {}
+        for used, (score, choice) in best.items():
+            for rank in ranks:
+                total = used + rank
+                if total > budget:
+                    continue
+                candidate = (score + float(scores[rank][layer]), (*choice, rank))
+                if total not in step or candidate[0] > step[total][0]:
+                    step[total] = candidate
+        best = step
+    return max(best.values(), key=lambda item: item[0])[1]

@@ -3,6 +3,7 @@ learnable problem, storage, FFN gating, and the task end to end on a tiny model.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -278,3 +279,51 @@ def test_sizing_run_compares_adaptive_with_uniform(tmp_path):
     assert len(result["series"]["candidates"]["rows"]) == 4  # 2 ranks x 2 layers
     assert load_predictors(tmp_path / "run" / "predictors", TINY.replace(activation="relu")).ranks == tuple(
         summary["ranks"])
+
+
+def test_budget_allocation_is_exact():
+    from sparse_lm.predictors.sizing import allocate_ranks
+
+    # layer 0 gains a lot from rank 32, layer 1 almost nothing: the budget of two rank-24 predictors (48)
+    # goes to (32, 16)
+    scores = {16: [0.60, 0.90], 32: [0.85, 0.91]}
+    assert allocate_ranks(scores, 48) == (32, 16)
+    assert allocate_ranks(scores, 64) == (32, 32)
+    assert allocate_ranks(scores, 32) == (16, 16)
+    # brute force over every choice agrees on random scores
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        table = {r: rng.random(4).tolist() for r in (8, 16, 32)}
+        budget = int(rng.integers(32, 129))
+        best = max(
+            (sum(table[r][i] for i, r in enumerate(choice)), choice)
+            for choice in itertools.product((8, 16, 32), repeat=4) if sum(choice) <= budget
+        )
+        chosen = allocate_ranks(table, budget)
+        assert sum(chosen) <= budget
+        assert sum(table[r][i] for i, r in enumerate(chosen)) == pytest.approx(best[0])
+    with pytest.raises(ValueError, match="below the smallest allocation"):
+        allocate_ranks(scores, 20)
+
+
+def test_budget_sizing_run_spends_the_uniform_budget(tmp_path, text_file):
+    from sparse_lm.data import DataConfig
+    from sparse_lm.models.loading import ModelSpec
+    from sparse_lm.predictors.run import PredictorDataConfig, PredictorRunConfig, SizingConfig, run
+
+    with pytest.raises(ValueError, match="sizing.budget_rank=5 must be one of"):
+        SizingConfig(candidate_ranks=(4, 8), budget_rank=5)
+    cfg = PredictorRunConfig(
+        model=ModelSpec(preset="tiny", source="random", activation="relu"),
+        data=DataConfig(corpus="textfile", path=str(text_file), split="all", cache_dir=str(tmp_path / "cache")),
+        firing=FiringConfig(rule="nonzero"),
+        dataset=PredictorDataConfig(train_tokens=2048, validation_tokens=1024, seq_len=64, batches_per_shard=2),
+        predictor=PredictorTrainConfig(epochs=1, batch_tokens=256),
+        sizing=SizingConfig(candidate_ranks=(4, 8, 16), budget_rank=8), curve_recalls=(),
+        perplexity_tokens=300, progress=False,
+    )
+    summary = run(cfg, tmp_path / "run")
+    assert summary["uniform_rank"] == 8 and sum(summary["ranks"]) <= 16
+    candidates = summary["candidates"]
+    adaptive = sum(candidates[str(r)]["budget_recall"][i] for i, r in enumerate(summary["ranks"]))
+    assert adaptive >= sum(candidates["8"]["budget_recall"]) - 1e-12  # the uniform choice was feasible
