@@ -76,7 +76,9 @@ def predictor_loss(
 
 
 @functools.cache
-def _train_step(graphdef, loss: PredictorLoss, gamma: float, tx: optax.GradientTransformation):
+def _train_step(graphdef, loss: PredictorLoss, gamma: float, lr: float):
+    """One jitted step per (shape, loss, lr): layers of the same rank share its compilation."""
+    tx = optax.adam(lr)
     @jax.jit
     def step(params, opt_state, x, fired, pos_weight):
         def objective(params):
@@ -116,7 +118,7 @@ def train_layer(
     tx = optax.adam(cfg.lr)
     graphdef, params = nnx.split(predictor)
     opt_state = tx.init(params)
-    step = _train_step(graphdef, cfg.loss, cfg.focal_gamma, tx)
+    step = _train_step(graphdef, cfg.loss, cfg.focal_gamma, cfg.lr)
     epoch_losses = []
     for epoch in range(cfg.epochs):
         losses = []

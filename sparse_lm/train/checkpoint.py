@@ -19,9 +19,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from sparse_lm.data.tokenizer import Tokenizer, tokenizer_from_json
+from sparse_lm.data.tokenizer import Tokenizer, tokenizer_from_json, tokenizer_to_json
 from sparse_lm.models.config import ModelConfig
 from sparse_lm.models.transformer import Transformer
+from sparse_lm.tracking.base import to_jsonable
+from sparse_lm.utils.io import atomic_write_json
 
 CHECKPOINT_DIR = "checkpoints"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -82,11 +84,7 @@ class Checkpointer:
                 f"checkpoint {self.directory / str(step)} does not match this configuration ({mismatch}); "
                 "use a new run directory or the configuration that wrote it"
             )
-        abstract = {
-            f"{i:05d}": jax.ShapeDtypeStruct(np.shape(leaf), np.asarray(leaf).dtype if not hasattr(leaf, "dtype")
-                                             else leaf.dtype)
-            for i, leaf in enumerate(leaves)
-        }
+        abstract = {f"{i:05d}": jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype) for i, leaf in enumerate(leaves)}
         arrays = self.manager.restore(
             step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract))
         )["arrays"]
@@ -104,10 +102,6 @@ class Checkpointer:
 
 def save_run_metadata(run_dir: Path, config: ModelConfig, tokenizer: Tokenizer) -> None:
     """What `load_trained` needs besides the arrays: the model's config and its tokenizer."""
-    from sparse_lm.data.tokenizer import tokenizer_to_json
-    from sparse_lm.tracking.base import to_jsonable
-    from sparse_lm.utils.io import atomic_write_json
-
     atomic_write_json(run_dir / MODEL_CONFIG_FILE, to_jsonable(config))
     atomic_write_json(run_dir / TOKENIZER_FILE, tokenizer_to_json(tokenizer))
 
