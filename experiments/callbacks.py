@@ -1,4 +1,4 @@
-"""Hydra callbacks: after a training sweep, one result record from all of its runs."""
+"""Hydra callbacks: after a sweep, one result record from all of its runs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from sparse_lm.predictors.report import collect_predictor_sweep
 from sparse_lm.results import current_command
 from sparse_lm.train.report import collect_sweep
 
@@ -20,4 +21,12 @@ class SweepResult(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         path = collect_sweep(config.hydra.sweep.dir, self.record_as, self.results_dir, current_command())
+        print(f"sweep result: {path}")
+
+
+class PredictorSweepResult(SweepResult):
+    """The same for a sweep of experiments/train_predictor.py (one row per run)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        path = collect_predictor_sweep(config.hydra.sweep.dir, self.record_as, self.results_dir, current_command())
         print(f"sweep result: {path}")

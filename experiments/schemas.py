@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from sparse_lm.bench.decode import DecodeBenchConfig
 from sparse_lm.eval.run import EvalRunConfig
 from sparse_lm.predictors.run import PredictorRunConfig
+from sparse_lm.predictors.scaling import ScalingRunConfig
 from sparse_lm.profiling.run import ProfileRunConfig
 from sparse_lm.profiling.teal import TealRunConfig
 from sparse_lm.train.config import TrainRunConfig
@@ -43,3 +44,4 @@ def register() -> None:
     store.store(name="teal_schema", node=schema(TealRunConfig))
     store.store(name="train_schema", node=schema(TrainRunConfig))
     store.store(name="train_predictor_schema", node=schema(PredictorRunConfig))
+    store.store(name="predictor_scaling_schema", node=schema(ScalingRunConfig))

@@ -167,3 +167,16 @@ def layer_batches(
                 np.unpackbits(np.asarray(fired[rows]), axis=1, count=d_ff).astype(bool),
                 None if absolute is None else np.asarray(absolute[rows], np.float32),
             )
+
+
+def firing_counts(shards: list[Path], n_layers: int, d_ff: int) -> tuple[np.ndarray, int]:
+    """Per layer and neuron, how many tokens of `shards` fire it ([L, F]), and the token count: the profile of
+    the training pairs, for profile-guided sizing."""
+    counts = np.zeros((n_layers, d_ff), np.int64)
+    tokens = 0
+    for shard in shards:
+        for layer in range(n_layers):
+            bits = np.load(shard / f"fired_{layer}.npy", mmap_mode="r")
+            counts[layer] += np.unpackbits(np.asarray(bits), axis=1, count=d_ff).sum(axis=0, dtype=np.int64)
+        tokens += bits.shape[0]
+    return counts, tokens

@@ -17,12 +17,18 @@ from sparse_lm.data import DataConfig, Split, split_tokens
 from sparse_lm.eval.perplexity import perplexity
 from sparse_lm.models.loading import ModelSpec, build_model
 from sparse_lm.models.transformer import count_params
-from sparse_lm.predictors.dataset import collect, open_dataset
+from sparse_lm.predictors.dataset import collect, firing_counts, open_dataset
 from sparse_lm.predictors.metrics import LayerMetrics
 from sparse_lm.predictors.module import PredictorSet
-from sparse_lm.predictors.sizing import allocate_ranks, choose_ranks, uniform_rank_of_equal_size
+from sparse_lm.predictors.sizing import (
+    allocate_ranks,
+    choose_ranks,
+    profile_guided_ranks,
+    uniform_rank_of_equal_size,
+)
 from sparse_lm.predictors.store import attach, save_predictors
 from sparse_lm.predictors.train import PredictorTrainConfig, calibrate, measure, train_layer
+from sparse_lm.profiling import stats
 from sparse_lm.profiling.firing import FiringConfig
 from sparse_lm.profiling.run import ProfileConfig, corpus_sequences, firing_thresholds
 from sparse_lm.results import current_command, write_result
@@ -59,7 +65,8 @@ class SizingConfig:
     smallest rank within `max_over_true` is chosen per layer (`sizing.choose_ranks`) and a uniform rank of
     equal total size is fitted for comparison. With `budget_rank` (one of the candidates), the ranks maximising
     the mean recall at `max_over_true` x the firing cells under the total size of that uniform rank are chosen
-    (`sizing.allocate_ranks`) and compared with it. Empty `candidate_ranks`: `ranks` as given."""
+    (`sizing.allocate_ranks`) and compared with it and with the ranks the profile alone suggests
+    (`sizing.profile_guided_ranks`, same total size). Empty `candidate_ranks`: `ranks` as given."""
 
     candidate_ranks: tuple[int, ...] = ()
     max_over_true: float = 1.25
@@ -221,16 +228,22 @@ def run(cfg: PredictorRunConfig, run_dir: str | Path) -> dict[str, Any]:
         calibration_shards, measure_shards = (val_shards[::2], val_shards[1::2]) if len(val_shards) > 1 else (
             val_shards, val_shards)
         shards = (train_shards, calibration_shards, measure_shards)
+        counts, profiled_tokens = firing_counts(train_shards, config.n_layers, config.d_ff)
+        layer_sparsity, layer_coverage = stats.sparsity(counts, profiled_tokens), stats.coverage_per_layer(counts)
         candidates: dict[int, FittedLayers] = {}
         uniform: FittedLayers | None = None
+        profile_fit: FittedLayers | None = None
         met: tuple[bool, ...] = ()
         if cfg.sizing.candidate_ranks:
             for rank in cfg.sizing.candidate_ranks:
                 candidates[rank] = fit_layers(cfg, config, (rank,) * config.n_layers, *shards, label=f"rank {rank}")
             if cfg.sizing.budget_rank is not None:
                 uniform_rank = cfg.sizing.budget_rank
-                ranks = allocate_ranks({r: f.budget_recall for r, f in candidates.items()},
-                                       uniform_rank * config.n_layers)
+                budget = uniform_rank * config.n_layers
+                ranks = allocate_ranks({r: f.budget_recall for r, f in candidates.items()}, budget)
+                profile_ranks, _ = profile_guided_ranks(layer_sparsity, layer_coverage, cfg.sizing.candidate_ranks,
+                                                        budget)
+                profile_fit = combine_layers(config, cfg.predictor.hidden_activation, profile_ranks, candidates)
                 met = tuple(candidates[r].metrics[i].predicted_over_true <= cfg.sizing.max_over_true
                             for i, r in enumerate(ranks))
             else:
@@ -291,14 +304,21 @@ def run(cfg: PredictorRunConfig, run_dir: str | Path) -> dict[str, Any]:
             "perplexity_change": gated / dense - 1,
             "recall_curve": curve,  # [target recall, measured recall, predicted active, perplexity]
             "predictor_param_share": sum(main.predictors.param_counts()) / count_params(model),
+            "layer_params": list(main.predictors.param_counts()),
             "train_pairs": sum(np.load(s / "x_0.npy", mmap_mode="r").shape[0] for s in train_shards),
             "target_recall": cfg.predictor.target_recall,
+            "layer_sparsity": layer_sparsity.tolist(),  # profile of the training pairs
+            "layer_coverage80": layer_coverage.tolist(),  # share of neurons holding 80% of a layer's firings
         }
         if candidates:
             summary["sizing_met_bound"] = list(met)
             summary["uniform_rank"] = int(uniform.predictors.ranks[0])
             summary.update(layer_summary(uniform, config, prefix="uniform_"))
             summary["uniform_perplexity_predicted"] = gated_perplexity(uniform.predictors)
+            if profile_fit is not None:
+                summary["profile_ranks"] = list(profile_fit.predictors.ranks)
+                summary.update(layer_summary(profile_fit, config, prefix="profile_"))
+                summary["profile_perplexity_predicted"] = gated_perplexity(profile_fit.predictors)
             summary["candidates"] = {
                 str(rank): {"recall": [m.recall for m in fit.metrics],
                             "predicted_over_true": [m.predicted_over_true for m in fit.metrics],
@@ -337,7 +357,9 @@ def write_predictor_result(cfg: PredictorRunConfig, summary: dict[str, Any]) -> 
             "title": f"Adaptive ranks vs one uniform rank ({summary['uniform_rank']}) of equal total size",
             "columns": ["sizing", *compare, "perplexity_predicted"],
             "rows": [["adaptive", *(summary[k] for k in compare), summary["perplexity_predicted"]],
-                     ["uniform", *(summary[f"uniform_{k}"] for k in compare), summary["uniform_perplexity_predicted"]]],
+                     ["uniform", *(summary[f"uniform_{k}"] for k in compare), summary["uniform_perplexity_predicted"]]]
+            + ([["profile-guided", *(summary[f"profile_{k}"] for k in compare),
+                 summary["profile_perplexity_predicted"]]] if "profile_ranks" in summary else []),
         })
         series["candidates"] = {
             "columns": ["rank", "layer", "recall", "predicted_over_true", "budget_recall"],
@@ -347,6 +369,18 @@ def write_predictor_result(cfg: PredictorRunConfig, summary: dict[str, Any]) -> 
         metrics["uniform_rank"] = summary["uniform_rank"]
         metrics["uniform_perplexity_predicted"] = summary["uniform_perplexity_predicted"]
         metrics["uniform_budget_recall_mean"] = summary["uniform_budget_recall_mean"]
+        if "profile_ranks" in summary:
+            metrics["profile_perplexity_predicted"] = summary["profile_perplexity_predicted"]
+            metrics["profile_budget_recall_mean"] = summary["profile_budget_recall_mean"]
+    series["layers"] = {
+        "columns": ["layer", "rank", "sparsity", "coverage80", "true_active", "predicted_over_true", "params"]
+        + (["profile_rank"] if "profile_ranks" in summary else []),
+        "rows": [[layer, summary["ranks"][layer], summary["layer_sparsity"][layer], summary["layer_coverage80"][layer],
+                  summary["true_active"][layer], summary["predicted_active"][layer] / summary["true_active"][layer],
+                  summary["layer_params"][layer]]
+                 + ([summary["profile_ranks"][layer]] if "profile_ranks" in summary else [])
+                 for layer in range(len(summary["recall"]))],
+    }
     notes = (
         f"Thresholds calibrated per layer to recall {cfg.predictor.target_recall} on half of the validation "
         "pairs, measured on the other half. `predicted_active` / `true_active`: share of neurons predicted / "

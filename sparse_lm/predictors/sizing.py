@@ -1,15 +1,19 @@
-"""Adaptive predictor sizing: per layer, the smallest rank whose predictor, at the recall-calibrated
-threshold, predicts at most `max_over_true` times the truly active neurons.
+"""Adaptive predictor sizing, three ways.
 
-The constraint is per layer, so choosing each layer's smallest qualifying rank minimises the total size.
-A layer no candidate satisfies gets the candidate closest to the bound. PowerInfer sizes from the layer's
-sparsity and skewness; here those enter through the measurement itself (a sparse, skewed layer reaches the
-bound at a small rank), and the profile's per-layer sparsity is reported beside the choice.
+- `choose_ranks`: per layer, the smallest rank whose predictor, at the recall-calibrated threshold, predicts at
+  most `max_over_true` times the truly active neurons (the constraint is per layer, so this minimises the total
+  size; a layer no candidate satisfies gets the candidate closest to the bound).
+- `allocate_ranks`: under a total size, the ranks maximising a measured per-layer score (exact).
+- `profile_guided_ranks`: PowerInfer's prior, without training any candidate: a layer's predictor grows with its
+  firing density and shrinks with its skewness, both read from the profile of the same pairs.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+
+import numpy as np
 
 from sparse_lm.predictors.metrics import LayerMetrics
 
@@ -75,3 +79,28 @@ def allocate_ranks(scores: Mapping[int, Sequence[float]], budget: int) -> tuple[
                     step[total] = candidate
         best = step
     return max(best.values(), key=lambda item: item[0])[1]
+
+
+def profile_guided_ranks(
+    sparsity: Sequence[float], coverage: Sequence[float], candidates: Sequence[int], budget: int
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Per-layer ranks from the profile alone (PowerInfer's rule of thumb: sparser and more skewed layers need
+    smaller predictors), and the unrounded target ranks.
+
+    Each layer's target rank is proportional to density x coverage, where density = 1 - sparsity and coverage
+    is the share of neurons holding 80% of the layer's firings (small when skewed), scaled so the targets sum
+    to `budget`; the candidate ranks closest to the targets in log scale within the budget are returned.
+    """
+    density = 1 - np.asarray(sparsity, np.float64)
+    spread = np.asarray(coverage, np.float64)
+    if density.shape != spread.shape or density.ndim != 1 or density.size == 0:
+        raise ValueError(f"sparsity and coverage must be per-layer lists of one length, got {density.shape} and "
+                         f"{spread.shape}")
+    if not np.all(np.isfinite(density * spread)) or np.any(density * spread < 0):
+        raise ValueError("sparsity must be in [0, 1] and coverage non-negative")
+    weight = density * spread
+    if weight.sum() == 0:
+        weight = np.ones_like(weight)
+    target = budget * weight / weight.sum()
+    scores = {int(r): [-abs(math.log(r / max(t, 1e-9))) for t in target] for r in candidates}
+    return allocate_ranks(scores, budget), tuple(float(t) for t in target)

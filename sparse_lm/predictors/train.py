@@ -76,7 +76,7 @@ def predictor_loss(
 
 
 @functools.cache
-def _train_step(graphdef, loss: PredictorLoss, gamma: float, lr: float):
+def train_step(graphdef, loss: PredictorLoss, gamma: float, lr: float):
     """One jitted step per (shape, loss, lr): layers of the same rank share its compilation."""
     tx = optax.adam(lr)
     @jax.jit
@@ -105,20 +105,23 @@ def firing_rate(shards: list[Path], layer: int, d_ff: int) -> float:
     return fired / total
 
 
+def positive_weight(cfg: PredictorTrainConfig, rate: float) -> float:
+    """The configured weight of the firing class, or (1 - rate) / rate capped at 10."""
+    if cfg.pos_weight is not None:
+        return cfg.pos_weight
+    return min((1 - rate) / rate, 10.0) if rate > 0 else 1.0
+
+
 def train_layer(
     shards: list[Path], layer: int, d_model: int, d_ff: int, rank: int, cfg: PredictorTrainConfig
 ) -> tuple[LowRankPredictor, list[float]]:
     """A predictor for `layer` trained on `shards`; returns it and the mean loss of each epoch."""
     predictor = LowRankPredictor(d_model, rank, d_ff, cfg.hidden_activation, rngs=nnx.Rngs(cfg.seed + layer))
-    rate = firing_rate(shards, layer, d_ff)
-    if cfg.pos_weight is not None:
-        pos_weight = cfg.pos_weight
-    else:
-        pos_weight = min((1 - rate) / rate, 10.0) if rate > 0 else 1.0
+    pos_weight = positive_weight(cfg, firing_rate(shards, layer, d_ff))
     tx = optax.adam(cfg.lr)
     graphdef, params = nnx.split(predictor)
     opt_state = tx.init(params)
-    step = _train_step(graphdef, cfg.loss, cfg.focal_gamma, cfg.lr)
+    step = train_step(graphdef, cfg.loss, cfg.focal_gamma, cfg.lr)
     epoch_losses = []
     for epoch in range(cfg.epochs):
         losses = []

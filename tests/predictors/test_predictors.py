@@ -272,7 +272,8 @@ def test_sizing_run_compares_adaptive_with_uniform(tmp_path):
             assert all(summary["candidates"][str(r)]["predicted_over_true"][layer] > 2.0 for r in smaller)
     assert summary["uniform_rank"] == round(sum(summary["ranks"]) / 2)
     result = json.loads((tmp_path / "results" / "predictors_sizing.json").read_text())
-    assert [row[0] for row in result["tables"][2]["rows"]] == ["adaptive", "uniform"]
+    assert [row[0] for row in result["tables"][2]["rows"]] == ["adaptive", "uniform"]  # no budget: no profile row
+    assert [row[0] for row in result["series"]["layers"]["rows"]] == [0, 1]
     curve = result["tables"][1]["rows"]  # target recalls 0.9, 0.95, 0.99: more recall, more neurons kept
     assert [row[0] for row in curve] == [0.9, 0.95, 0.99]
     assert curve[0][2] <= curve[1][2] <= curve[2][2]
@@ -327,3 +328,11 @@ def test_budget_sizing_run_spends_the_uniform_budget(tmp_path, text_file):
     candidates = summary["candidates"]
     adaptive = sum(candidates[str(r)]["budget_recall"][i] for i, r in enumerate(summary["ranks"]))
     assert adaptive >= sum(candidates["8"]["budget_recall"]) - 1e-12  # the uniform choice was feasible
+    # the profile-guided ranks: same budget, candidates only, measured like the others
+    assert sum(summary["profile_ranks"]) <= 16 and set(summary["profile_ranks"]) <= {4, 8, 16}
+    profile = sum(candidates[str(r)]["budget_recall"][i] for i, r in enumerate(summary["profile_ranks"])) / 2
+    assert summary["profile_budget_recall_mean"] == pytest.approx(profile)
+    assert adaptive / 2 >= profile - 1e-12  # the exact allocation is at least as good on its own objective
+    assert math.isfinite(summary["profile_perplexity_predicted"])
+    assert len(summary["layer_sparsity"]) == 2 and all(0 <= s <= 1 for s in summary["layer_sparsity"])
+    assert all(0 < c <= 1 for c in summary["layer_coverage80"])
