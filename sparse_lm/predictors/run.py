@@ -391,6 +391,18 @@ def write_predictor_result(cfg: PredictorRunConfig, summary: dict[str, Any]) -> 
     )
     return write_result(
         cfg.record_as, metrics, command=summary["command"],
-        title=f"Activation predictors: {summary['model']} ({summary['activation']}, {summary['firing_rule']} rule)",
+        title=predictor_result_title(cfg, summary),
         notes=notes, tables=tables, series=series, results_dir=cfg.results_dir,
     )
+
+
+def predictor_result_title(cfg: PredictorRunConfig, summary: dict[str, Any]) -> str:
+    """What distinguishes this run in the results document: model, rule, sizing, epochs and pairs."""
+    ranks = sorted(set(summary["ranks"]))
+    sizing = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    if cfg.sizing.candidate_ranks and cfg.sizing.budget_rank is not None:
+        sizing += f" within the size of uniform rank {cfg.sizing.budget_rank}"
+    elif cfg.sizing.candidate_ranks:
+        sizing += f" by the {cfg.sizing.max_over_true:g}x bound"
+    return (f"Activation predictors: {summary['model']} ({summary['activation']}, {summary['firing_rule']} rule; "
+            f"{sizing}, {cfg.predictor.epochs} epochs, {summary['train_pairs']:,} pairs)")

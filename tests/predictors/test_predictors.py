@@ -272,6 +272,10 @@ def test_sizing_run_compares_adaptive_with_uniform(tmp_path):
             assert all(summary["candidates"][str(r)]["predicted_over_true"][layer] > 2.0 for r in smaller)
     assert summary["uniform_rank"] == round(sum(summary["ranks"]) / 2)
     result = json.loads((tmp_path / "results" / "predictors_sizing.json").read_text())
+    chosen = sorted(set(summary["ranks"]))
+    sizing = f"rank {chosen[0]}" if len(chosen) == 1 else "ranks 4-16"
+    assert result["title"] == f"Activation predictors: tiny (relu, positive rule; {sizing} by the 2x bound, " + (
+        "2 epochs, 2,048 pairs)")
     assert [row[0] for row in result["tables"][2]["rows"]] == ["adaptive", "uniform"]  # no budget: no profile row
     assert [row[0] for row in result["series"]["layers"]["rows"]] == [0, 1]
     curve = result["tables"][1]["rows"]  # target recalls 0.9, 0.95, 0.99: more recall, more neurons kept
