@@ -1,0 +1,34 @@
+"""Reference sparse gate/up: the activations of the active neurons only, in plain jnp (gather + dot).
+
+Legend: B tokens, D d_model, F d_ff, K capacity of the active set.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from kernels_pallas.common import valid_mask
+from sparse_lm.models.config import Activation
+from sparse_lm.models.ffn import activation_pair
+
+
+def sparse_gate_up_reference(
+    x: Float[Array, "B D"],
+    indices: Int[Array, " K"],
+    count: Int[Array, ""],
+    w_gate: Float[Array, "F D"] | None,
+    w_up: Float[Array, "F D"],
+    activation: Activation,
+) -> Float[Array, "B K"]:
+    """a[b, k] = act(W_gate[indices[k]] . x[b], W_up[indices[k]] . x[b]) for k < count, 0 for padding."""
+    valid = valid_mask(indices.shape[0], count)
+    rows = jnp.where(valid, indices, 0)
+    highest = jax.lax.Precision.HIGHEST
+    up = jnp.dot(x, w_up[rows].T, precision=highest, preferred_element_type=jnp.float32)
+    gate = None
+    if w_gate is not None:
+        gate = jnp.dot(x, w_gate[rows].T, precision=highest, preferred_element_type=jnp.float32)
+    hidden = activation_pair(activation, gate, up)
+    return jnp.where(valid[None, :], hidden, 0.0)

@@ -1,0 +1,156 @@
+"""Sparse FFN kernels: references against hand-computed numbers, Pallas (interpreted) against the references on
+random inputs, both against the dense FFN with the inactive neurons zeroed, active-set checks, GPU lowering."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas import (
+    active_neuron_mask,
+    check_active,
+    export_for_gpu,
+    masked_dense_ffn,
+    sparse_down,
+    sparse_ffn,
+    sparse_gate_up,
+    tolerance,
+)
+from kernels_pallas.common import TRITON_CALL, power_of_two_divisor
+
+ACTIVATIONS = ["swiglu", "reglu", "drelu", "relu", "relu2"]
+GATED = {"swiglu", "reglu", "drelu"}
+
+
+def ffn_case(seed: int, n_tokens: int, d_model: int, d_ff: int, capacity: int, count: int, dtype=jnp.float32):
+    """Random x and [F, D] weights (never zeros), and an active set of `count` distinct neurons padded with
+    arbitrary in-range values to `capacity` (padding must be ignored whatever it holds)."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((n_tokens, d_model)), dtype)
+    scale = d_model**-0.5
+    w_gate, w_up, w_down = (jnp.asarray(rng.standard_normal((d_ff, d_model)) * scale, dtype) for _ in range(3))
+    active = rng.choice(d_ff, count, replace=False)
+    padding = rng.integers(0, d_ff, capacity - count)
+    return x, jnp.asarray(np.concatenate([active, padding]), jnp.int32), w_gate, w_up, w_down
+
+
+def test_gate_up_and_down_references_by_hand():
+    x = jnp.array([[1.0, 2.0]])
+    w_gate = jnp.array([[1.0, 0.0], [0.0, -1.0], [1.0, 1.0]])  # gate pre-activations 1, -2, 3
+    w_up = jnp.array([[2.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])  # up pre-activations 4, 3, -1
+    w_down = jnp.array([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]])
+    indices = jnp.array([2, 0, 1], jnp.int32)  # neurons 2 and 0 active, the last entry is padding
+    hidden = sparse_gate_up(x, indices, 2, w_gate, w_up, "reglu", implementation="xla")
+    np.testing.assert_allclose(hidden, [[3.0 * -1.0, 1.0 * 4.0, 0.0]])  # relu(gate) * up
+    hidden = sparse_gate_up(x, indices, 2, w_gate, w_up, "drelu", implementation="xla")
+    np.testing.assert_allclose(hidden, [[0.0, 4.0, 0.0]])  # relu(gate) * relu(up)
+    y = sparse_down(jnp.array([[-3.0, 4.0, 100.0]]), indices, 2, w_down, implementation="xla")
+    np.testing.assert_allclose(y, [[-3.0 * 3 + 4.0 * 1, -3.0 * 30 + 4.0 * 10]])  # padding's 100 is ignored
+
+
+SHAPES = [  # n_tokens, d_model, d_ff, capacity, count
+    (1, 64, 256, 16, 16),  # K = capacity
+    (3, 48, 100, 20, 7),  # ragged: capacity not a power of two, D = 3 x 16
+    (2, 64, 96, 40, 0),  # K = 0
+    (5, 32, 64, 33, 21),  # odd capacity, batch not a power of two
+]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_pallas_equals_reference_and_masked_dense(activation, shape):
+    n_tokens, d_model, d_ff, capacity, count = shape
+    x, indices, w_gate, w_up, w_down = ffn_case(sum(shape), *shape)
+    w_gate = w_gate if activation in GATED else None
+    outputs = {impl: sparse_ffn(x, indices, count, w_gate, w_up, w_down, activation, implementation=impl)
+               for impl in ("xla", "pallas")}
+    hidden = {impl: sparse_gate_up(x, indices, count, w_gate, w_up, activation, implementation=impl)
+              for impl in ("xla", "pallas")}
+    np.testing.assert_allclose(hidden["pallas"], hidden["xla"], **tolerance(jnp.float32))
+    np.testing.assert_allclose(outputs["pallas"], outputs["xla"], **tolerance(jnp.float32))
+    dense = masked_dense_ffn(x, active_neuron_mask(indices, count, d_ff, n_tokens=n_tokens), w_gate, w_up, w_down,
+                             activation)
+    np.testing.assert_allclose(outputs["xla"], dense, **tolerance(jnp.float32))
+    assert np.all(np.asarray(hidden["pallas"])[:, count:] == 0)  # padding gives exact zeros
+    if count == 0:
+        assert np.all(np.asarray(outputs["pallas"]) == 0)
+    else:
+        assert float(jnp.abs(dense).max()) > 0.05  # a non-trivial output
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_inputs_within_the_tolerance_table(dtype):
+    x, indices, w_gate, w_up, w_down = ffn_case(7, 2, 64, 128, 32, 25, dtype=dtype)
+    exact = sparse_ffn(*(a.astype(jnp.float32) for a in (x,)), indices, 25,
+                       *(w.astype(jnp.float32) for w in (w_gate, w_up, w_down)), "swiglu", implementation="xla")
+    pallas = sparse_ffn(x, indices, 25, w_gate, w_up, w_down, "swiglu", implementation="pallas")
+    np.testing.assert_allclose(pallas, exact, **tolerance(dtype))
+
+
+def test_batched_tokens_with_per_token_masks():
+    x, indices, w_gate, w_up, w_down = ffn_case(3, 4, 64, 128, 32, 30)
+    token_mask = jnp.asarray(np.random.default_rng(4).random((4, 32)) < 0.5)  # each token keeps its own subset
+    expected = masked_dense_ffn(x, active_neuron_mask(indices, 30, 128, token_mask, n_tokens=4), w_gate, w_up,
+                                w_down, "drelu")
+    for impl in ("xla", "pallas"):
+        got = sparse_ffn(x, indices, 30, w_gate, w_up, w_down, "drelu", token_mask=token_mask, implementation=impl)
+        np.testing.assert_allclose(got, expected, **tolerance(jnp.float32))
+    union = sparse_ffn(x, indices, 30, w_gate, w_up, w_down, "drelu", implementation="xla")
+    assert float(jnp.abs(union - expected).max()) > 1e-3  # the masks changed the result
+
+
+def test_one_token_vector_input_and_jit():
+    x, indices, w_gate, w_up, w_down = ffn_case(5, 1, 32, 64, 16, 9)
+    batched = sparse_ffn(x, indices, 9, w_gate, w_up, w_down, "reglu", implementation="pallas")
+    single = jax.jit(lambda v, n: sparse_ffn(v, indices, n, w_gate, w_up, w_down, "reglu", implementation="pallas"))(
+        x[0], jnp.int32(9))
+    assert single.shape == (32,)
+    np.testing.assert_allclose(single, batched[0], **tolerance(jnp.float32))
+
+
+def test_bad_active_sets_are_rejected_outside_jit():
+    _, _, w_gate, w_up, w_down = ffn_case(0, 1, 16, 32, 8, 4)
+    x = jnp.ones((1, 16))
+    with pytest.raises(ValueError, match=r"out of range \[0, 32\): \[32\]"):
+        sparse_ffn(x, jnp.array([1, 32, 3, 0], jnp.int32), 2, w_gate, w_up, w_down, "swiglu")
+    with pytest.raises(ValueError, match=r"duplicate active indices: \[5\]"):
+        sparse_ffn(x, jnp.array([5, 2, 5, 0], jnp.int32), 3, w_gate, w_up, w_down, "swiglu")
+    with pytest.raises(ValueError, match=r"active count 5 outside \[0, capacity 4\]"):
+        sparse_ffn(x, jnp.array([0, 1, 2, 3], jnp.int32), 5, w_gate, w_up, w_down, "swiglu")
+    with pytest.raises(ValueError, match="-1"):
+        check_active(jnp.array([-1, 2], jnp.int32), 1, 32)
+    with pytest.raises(ValueError, match="1-D integer array"):
+        check_active(jnp.array([0.0, 1.0]), 1, 32)
+    # padding beyond the count may hold anything, duplicates included
+    check_active(jnp.array([1, 2, 2, 2], jnp.int32), 2, 32)
+    with pytest.raises(ValueError, match="activation relu takes no w_gate"):
+        sparse_gate_up(x, jnp.array([0], jnp.int32), 1, w_gate, w_up, "relu")
+    with pytest.raises(ValueError, match="activation drelu needs w_gate"):
+        sparse_gate_up(x, jnp.array([0], jnp.int32), 1, None, w_up, "drelu")
+    with pytest.raises(ValueError, match="w_up must be"):
+        sparse_gate_up(x, jnp.array([0], jnp.int32), 1, None, w_up.T, "relu")
+
+
+def test_tiles_are_powers_of_two_dividing_the_dimension():
+    assert power_of_two_divisor(576, 128) == 64
+    assert power_of_two_divisor(4096, 128) == 128
+    assert power_of_two_divisor(100, 128) == 4
+    assert power_of_two_divisor(11008, 128) == 128
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "relu"])
+def test_pallas_kernels_lower_for_cuda(activation):
+    x, indices, w_gate, w_up, w_down = ffn_case(1, 1, 576, 1536, 160, 150)
+    w_gate = w_gate if activation in GATED else None
+
+    def ffn(x, indices, count, w_up, w_down):
+        return sparse_ffn(x, indices, count, w_gate, w_up, w_down, activation, implementation="pallas",
+                          interpret=False)
+
+    exported = export_for_gpu(ffn, x, indices, jnp.int32(150), w_up, w_down)
+    assert exported.platforms == ("cuda",)
+    text = exported.mlir_module()
+    assert text.count(TRITON_CALL) == 2  # gate/up and down kernels
+    assert exported.out_avals[0].shape == (1, 576)
