@@ -18,9 +18,10 @@ from jaxtyping import Array, Int
 
 
 class Implementation(str, enum.Enum):
-    auto = "auto"  # xla on CPU, pallas on GPU
+    auto = "auto"  # ffi on CPU when built (else xla), pallas on GPU
     xla = "xla"  # reference.py: plain jnp (gather + dot), the oracle and the portable path
     pallas = "pallas"  # kernel.py; interpreted on CPU (tests), Triton on GPU
+    ffi = "ffi"  # cpu/: the C++ twin through jax.ffi (CPU only, float32)
 
     def __str__(self) -> str:
         return self.value
@@ -29,10 +30,17 @@ class Implementation(str, enum.Enum):
 def resolve(implementation: Implementation | str, interpret: bool | None = None) -> tuple[Implementation, bool]:
     """The implementation to run on the default backend and whether Pallas runs interpreted (None: exactly when
     the backend is the CPU; False on a CPU host only to lower for a GPU, see `export_for_gpu`)."""
+    from kernels_pallas import cpu  # the C++ twin's loader (imports this module)
+
     implementation = Implementation(implementation)
     on_cpu = jax.default_backend() == "cpu"
     if implementation is Implementation.auto:
-        implementation = Implementation.xla if on_cpu else Implementation.pallas
+        if on_cpu:
+            implementation = Implementation.ffi if cpu.available() else Implementation.xla
+        else:
+            implementation = Implementation.pallas
+    if implementation is Implementation.ffi and not on_cpu:
+        raise ValueError(f"implementation=ffi runs on the CPU only; the backend is {jax.default_backend()}")
     return implementation, on_cpu if interpret is None else interpret
 
 

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from kernels_pallas.common import Implementation, check_active, next_power_of_two, power_of_two_divisor, resolve
+from kernels_pallas.cpu import sparse_down_cpu
 from kernels_pallas.sparse_down.kernel import sparse_down_kernel
 from kernels_pallas.sparse_down.reference import sparse_down_reference
 
@@ -27,7 +28,7 @@ def sparse_down(
     Args:
       hidden: activations of the active neurons, [K] or [B, K] (from sparse_gate_up).
       indices, count: the active set (see kernels_pallas.common); checked when concrete.
-      implementation: xla (reference), pallas or auto (xla on CPU, pallas on GPU).
+      implementation: xla (reference), pallas, ffi (C++, CPU) or auto (ffi on CPU when built, pallas on GPU).
       interpret: run Pallas interpreted; None: on the CPU backend only.
     """
     if w_down.ndim != 2 or hidden.shape[-1] != indices.shape[0]:
@@ -40,6 +41,8 @@ def sparse_down(
     implementation, interpret = resolve(implementation, interpret)
     if implementation is Implementation.xla:
         out = sparse_down_reference(hidden, indices, count, w_down)
+    elif implementation is Implementation.ffi:
+        out = sparse_down_cpu(hidden, indices, count, w_down)
     else:
         (n_tokens, capacity), d_model = hidden.shape, w_down.shape[1]
         block = min(MAX_BLOCK, next_power_of_two(capacity))

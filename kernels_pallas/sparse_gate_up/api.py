@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from kernels_pallas.common import Implementation, check_active, next_power_of_two, power_of_two_divisor, resolve
+from kernels_pallas.cpu import sparse_gate_up_cpu
 from kernels_pallas.sparse_gate_up.kernel import sparse_gate_up_kernel
 from kernels_pallas.sparse_gate_up.reference import sparse_gate_up_reference
 from sparse_lm.models.config import Activation
@@ -44,7 +45,7 @@ def sparse_gate_up(
       indices, count: the active set (see kernels_pallas.common); checked when concrete.
       w_gate, w_up: [F, D] (rows are neurons); w_gate None for ungated activations.
       activation: the FFN's activation pair.
-      implementation: xla (reference), pallas or auto (xla on CPU, pallas on GPU).
+      implementation: xla (reference), pallas, ffi (C++, CPU) or auto (ffi on CPU when built, pallas on GPU).
       interpret: run Pallas interpreted; None: on the CPU backend only.
     """
     activation = Activation(activation)
@@ -56,6 +57,8 @@ def sparse_gate_up(
     implementation, interpret = resolve(implementation, interpret)
     if implementation is Implementation.xla:
         hidden = sparse_gate_up_reference(x, indices, count, w_gate, w_up, activation)
+    elif implementation is Implementation.ffi:
+        hidden = sparse_gate_up_cpu(x, indices, count, w_gate, w_up, activation)
     else:
         capacity, n_tokens = indices.shape[0], x.shape[0]
         block = min(MAX_BLOCK, next_power_of_two(capacity))

@@ -1,5 +1,6 @@
-"""Sparse FFN kernels: references against hand-computed numbers, Pallas (interpreted) against the references on
-random inputs, both against the dense FFN with the inactive neurons zeroed, active-set checks, GPU lowering."""
+"""Sparse FFN kernels: references against hand-computed numbers, Pallas (interpreted) and the C++ twin (jax.ffi)
+against the references on random inputs, all against the dense FFN with the inactive neurons zeroed, active-set
+checks, GPU lowering."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from kernels_pallas import (
 from kernels_pallas.common import TRITON_CALL, power_of_two_divisor
 
 ACTIVATIONS = ["swiglu", "reglu", "drelu", "relu", "relu2"]
+IMPLEMENTATIONS = ("xla", "pallas", "ffi")
 GATED = {"swiglu", "reglu", "drelu"}
 
 
@@ -60,22 +62,23 @@ SHAPES = [  # n_tokens, d_model, d_ff, capacity, count
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_pallas_equals_reference_and_masked_dense(activation, shape):
+def test_kernels_equal_reference_and_masked_dense(activation, shape):
     n_tokens, d_model, d_ff, capacity, count = shape
     x, indices, w_gate, w_up, w_down = ffn_case(sum(shape), *shape)
     w_gate = w_gate if activation in GATED else None
     outputs = {impl: sparse_ffn(x, indices, count, w_gate, w_up, w_down, activation, implementation=impl)
-               for impl in ("xla", "pallas")}
+               for impl in IMPLEMENTATIONS}
     hidden = {impl: sparse_gate_up(x, indices, count, w_gate, w_up, activation, implementation=impl)
-              for impl in ("xla", "pallas")}
-    np.testing.assert_allclose(hidden["pallas"], hidden["xla"], **tolerance(jnp.float32))
-    np.testing.assert_allclose(outputs["pallas"], outputs["xla"], **tolerance(jnp.float32))
+              for impl in IMPLEMENTATIONS}
+    for impl in ("pallas", "ffi"):
+        np.testing.assert_allclose(hidden[impl], hidden["xla"], **tolerance(jnp.float32))
+        np.testing.assert_allclose(outputs[impl], outputs["xla"], **tolerance(jnp.float32))
+        assert np.all(np.asarray(hidden[impl])[:, count:] == 0)  # padding gives exact zeros
     dense = masked_dense_ffn(x, active_neuron_mask(indices, count, d_ff, n_tokens=n_tokens), w_gate, w_up, w_down,
                              activation)
     np.testing.assert_allclose(outputs["xla"], dense, **tolerance(jnp.float32))
-    assert np.all(np.asarray(hidden["pallas"])[:, count:] == 0)  # padding gives exact zeros
     if count == 0:
-        assert np.all(np.asarray(outputs["pallas"]) == 0)
+        assert all(np.all(np.asarray(out) == 0) for out in outputs.values())
     else:
         assert float(jnp.abs(dense).max()) > 0.05  # a non-trivial output
 
@@ -94,7 +97,7 @@ def test_batched_tokens_with_per_token_masks():
     token_mask = jnp.asarray(np.random.default_rng(4).random((4, 32)) < 0.5)  # each token keeps its own subset
     expected = masked_dense_ffn(x, active_neuron_mask(indices, 30, 128, token_mask, n_tokens=4), w_gate, w_up,
                                 w_down, "drelu")
-    for impl in ("xla", "pallas"):
+    for impl in IMPLEMENTATIONS:
         got = sparse_ffn(x, indices, 30, w_gate, w_up, w_down, "drelu", token_mask=token_mask, implementation=impl)
         np.testing.assert_allclose(got, expected, **tolerance(jnp.float32))
     union = sparse_ffn(x, indices, 30, w_gate, w_up, w_down, "drelu", implementation="xla")
@@ -131,6 +134,25 @@ def test_bad_active_sets_are_rejected_outside_jit():
         sparse_gate_up(x, jnp.array([0], jnp.int32), 1, None, w_up, "drelu")
     with pytest.raises(ValueError, match="w_up must be"):
         sparse_gate_up(x, jnp.array([0], jnp.int32), 1, None, w_up.T, "relu")
+
+
+def test_cpu_twin_checks_indices_inside_jit_and_takes_float32():
+    x, indices, w_gate, w_up, w_down = ffn_case(2, 1, 32, 64, 8, 6)
+    ffn = jax.jit(lambda indices: sparse_ffn(x, indices, 6, w_gate, w_up, w_down, "drelu", implementation="ffi"))
+    np.testing.assert_allclose(ffn(indices), sparse_ffn(x, indices, 6, w_gate, w_up, w_down, "drelu",
+                                                        implementation="xla"), **tolerance(jnp.float32))
+    with pytest.raises(Exception, match=r"active index 64 out of range \[0, 64\)"):  # traced: checked in C++
+        ffn(indices.at[3].set(64)).block_until_ready()
+    with pytest.raises(ValueError, match="takes float32; x is bfloat16"):
+        sparse_ffn(x.astype(jnp.bfloat16), indices, 6, w_gate, w_up, w_down, "drelu", implementation="ffi")
+
+
+def test_auto_picks_the_cpu_twin_on_cpu():
+    from kernels_pallas.common import Implementation, resolve
+
+    assert resolve("auto") == (Implementation.ffi, True)
+    assert resolve("pallas") == (Implementation.pallas, True)  # interpreted on CPU
+    assert resolve("pallas", interpret=False) == (Implementation.pallas, False)  # lowering for a GPU
 
 
 def test_tiles_are_powers_of_two_dividing_the_dimension():

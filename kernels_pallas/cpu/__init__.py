@@ -1,0 +1,86 @@
+"""The C++ twin of the sparse FFN kernels on CPU (sparse_ffn_cpu.cc through jax.ffi), built by the package's
+install (setup.py) and registered with XLA on first use.
+
+Legend: B tokens, D d_model, F d_ff, K capacity of the active set.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.machinery
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from sparse_lm.models.config import Activation
+
+HERE = Path(__file__).resolve().parent
+LIBRARY_STEM = "_sparse_ffn_cpu"
+# the C++ enum Activation in sparse_ffn_cpu.cc
+ACTIVATION_CODES = {Activation.swiglu: 0, Activation.reglu: 1, Activation.drelu: 2, Activation.relu: 3,
+                    Activation.relu2: 4}
+TARGETS = {"SparseGateUp": "sparse_lm_sparse_gate_up", "SparseDown": "sparse_lm_sparse_down"}
+
+
+def library_path() -> Path | None:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = HERE / f"{LIBRARY_STEM}{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
+def available() -> bool:
+    return library_path() is not None
+
+
+@functools.cache
+def register() -> None:
+    """Loads the library and registers its handlers with XLA (once per process)."""
+    path = library_path()
+    if path is None:
+        raise RuntimeError(
+            f"the C++ sparse FFN library ({LIBRARY_STEM}*.so) is not built in {HERE}; reinstall the package "
+            "(`pip install -e .` builds it with g++ and the jaxlib FFI headers) or use implementation=xla"
+        )
+    library = ctypes.cdll.LoadLibrary(str(path))
+    for symbol, target in TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def _check_f32(**arrays) -> None:
+    for name, array in arrays.items():
+        if array is not None and array.dtype != jnp.float32:
+            raise ValueError(f"the C++ sparse FFN takes float32; {name} is {array.dtype}")
+
+
+def sparse_gate_up_cpu(
+    x: Float[Array, "B D"], indices: Int[Array, " K"], count: Int[Array, ""], w_gate: Float[Array, "F D"] | None,
+    w_up: Float[Array, "F D"], activation: Activation, threads: int | None = None,
+) -> Float[Array, "B K"]:
+    register()
+    _check_f32(x=x, w_gate=w_gate, w_up=w_up)
+    gate = jnp.zeros((0, w_up.shape[1]), jnp.float32) if w_gate is None else w_gate  # empty: ungated
+    call = jax.ffi.ffi_call(TARGETS["SparseGateUp"], jax.ShapeDtypeStruct((x.shape[0], indices.shape[0]), jnp.float32))
+    return call(x, indices.astype(jnp.int32), jnp.reshape(count, (1,)).astype(jnp.int32), gate, w_up,
+                activation=ACTIVATION_CODES[activation], threads=threads or default_threads())
+
+
+def sparse_down_cpu(
+    hidden: Float[Array, "B K"], indices: Int[Array, " K"], count: Int[Array, ""], w_down: Float[Array, "F D"],
+    threads: int | None = None,
+) -> Float[Array, "B D"]:
+    register()
+    _check_f32(hidden=hidden, w_down=w_down)
+    call = jax.ffi.ffi_call(TARGETS["SparseDown"],
+                            jax.ShapeDtypeStruct((hidden.shape[0], w_down.shape[1]), jnp.float32))
+    return call(hidden, indices.astype(jnp.int32), jnp.reshape(count, (1,)).astype(jnp.int32), w_down,
+                threads=threads or default_threads())

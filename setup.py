@@ -1,0 +1,23 @@
+"""Builds the C++ twin of the sparse FFN kernels (kernels_pallas/cpu) against the XLA FFI headers that ship
+with jaxlib (a build requirement in pyproject.toml); everything else is declared in pyproject.toml."""
+
+import os
+
+import jaxlib
+from setuptools import Extension, setup
+
+FFI_HEADERS = os.path.join(os.path.dirname(jaxlib.__file__), "include")
+
+setup(
+    ext_modules=[
+        Extension(
+            # a plain shared library loaded with ctypes and registered with jax.ffi, not a Python module
+            "kernels_pallas.cpu._sparse_ffn_cpu",
+            sources=["kernels_pallas/cpu/sparse_ffn_cpu.cc"],
+            language="c++",
+            # -isystem: the FFI headers' own warnings are not ours; x86-64-v3 = AVX2 + FMA
+            extra_compile_args=["-std=c++17", "-O3", "-march=x86-64-v3", "-fopenmp", "-isystem", FFI_HEADERS],
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+)
