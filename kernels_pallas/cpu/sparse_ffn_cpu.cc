@@ -8,6 +8,10 @@
 #include <cstdint>
 #include <string>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -17,10 +21,30 @@ namespace {
 // Same order as the Python enum kernels_pallas.cpu.ACTIVATION_CODES.
 enum Activation : int64_t { kSwiglu = 0, kReglu = 1, kDrelu = 2, kRelu = 3, kRelu2 = 4 };
 
-inline float Dot(const float* a, const float* b, int64_t n) {
+#if defined(__AVX2__) && defined(__FMA__)
+inline float Sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// row . x with four independent accumulators (one chain would wait on FMA latency, not on memory)
+inline float Dot(const float* row, const float* x, int64_t n) {
+  int64_t i = 0;
   float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (; i + 32 <= n; i += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(x + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+  }
+  acc = Sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+  for (; i < n; ++i) acc += row[i] * x[i];
   return acc;
 }
 
@@ -78,6 +102,10 @@ ffi::Error SparseGateUpImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> indic
     }
     const float* up_row = up_rows + static_cast<int64_t>(idx[k]) * d_model;
     const float* gate_row = gated ? gate_rows + static_cast<int64_t>(idx[k]) * d_model : nullptr;
+    if (k + 1 < n) {  // start the next rows' first lines while this one streams
+      __builtin_prefetch(up_rows + static_cast<int64_t>(idx[k + 1]) * d_model);
+      if (gated) __builtin_prefetch(gate_rows + static_cast<int64_t>(idx[k + 1]) * d_model);
+    }
     for (int64_t b = 0; b < tokens; ++b) {
       const float* xb = xs + b * d_model;
       const float gate = gated ? Dot(gate_row, xb, d_model) : 0.f;

@@ -32,7 +32,7 @@ def masked_dense_ffn(
 ) -> Float[Array, "B D"]:
     activation = Activation(activation)
     highest = jax.lax.Precision.HIGHEST
-    up = jnp.dot(x, w_up.T, precision=highest)
-    gate = None if w_gate is None else jnp.dot(x, w_gate.T, precision=highest)
+    up = jnp.einsum("bd,fd->bf", x, w_up, precision=highest)
+    gate = None if w_gate is None else jnp.einsum("bd,fd->bf", x, w_gate, precision=highest)
     hidden = jnp.where(neuron_mask, activation_pair(activation, gate, up), 0.0)
     return jnp.dot(hidden, w_down, precision=highest)

@@ -25,10 +25,12 @@ def sparse_gate_up_reference(
     """a[b, k] = act(W_gate[indices[k]] . x[b], W_up[indices[k]] . x[b]) for k < count, 0 for padding."""
     valid = valid_mask(indices.shape[0], count)
     rows = jnp.where(valid, indices, 0)
-    highest = jax.lax.Precision.HIGHEST
-    up = jnp.dot(x, w_up[rows].T, precision=highest, preferred_element_type=jnp.float32)
-    gate = None
-    if w_gate is not None:
-        gate = jnp.dot(x, w_gate[rows].T, precision=highest, preferred_element_type=jnp.float32)
+    # contract D of both operands: a transposed gathered matrix (w[rows].T) makes XLA's CPU dot 10x slower
+    def project(w):
+        return jnp.einsum("bd,kd->bk", x, w[rows], precision=jax.lax.Precision.HIGHEST,
+                          preferred_element_type=jnp.float32)
+
+    up = project(w_up)
+    gate = None if w_gate is None else project(w_gate)
     hidden = activation_pair(activation, gate, up)
     return jnp.where(valid[None, :], hidden, 0.0)

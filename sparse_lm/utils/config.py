@@ -18,4 +18,5 @@ def coerce_enums(config: Any, prefix: str, fields: dict[str, type[enum.Enum]]) -
             object.__setattr__(config, field, kind(value))
         except ValueError:
             choices = ", ".join(member.value for member in kind)
-            raise ValueError(f"{prefix}.{field}={value!r} is not one of: {choices}") from None
+            key = f"{prefix}.{field}" if prefix else field
+            raise ValueError(f"{key}={value!r} is not one of: {choices}") from None
