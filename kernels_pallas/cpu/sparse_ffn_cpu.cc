@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -30,6 +31,42 @@ inline float Sum8(__m256 v) {
 }
 #endif
 
+// The first kHead floats of a row are fetched one row early: a new row is a new stream, which the hardware
+// prefetcher only picks up after a few misses.
+constexpr int64_t kHead = 256;
+inline void PrefetchHead(const float* row, int64_t n) {
+  for (int64_t i = 0; i < std::min(n, kHead); i += 16) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T1);
+}
+
+constexpr int64_t kAhead = 256;  // floats (1 KiB) prefetched ahead of each stream: rows cross 4 KiB pages, where
+                                // the hardware prefetcher stops
+
+// (a . x, b . x) in one pass over two rows: two streams in flight per core instead of one
+inline void DotPair(const float* a, const float* b, const float* x, int64_t n, float* out_a, float* out_b) {
+  int64_t i = 0;
+  float acc_a = 0.f, acc_b = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+  for (; i + 16 <= n; i += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(a + i + kAhead), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(b + i + kAhead), _MM_HINT_T0);
+    const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), x0, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), x1, a1);
+    b0 = _mm256_fmadd_ps(_mm256_loadu_ps(b + i), x0, b0);
+    b1 = _mm256_fmadd_ps(_mm256_loadu_ps(b + i + 8), x1, b1);
+  }
+  acc_a = Sum8(_mm256_add_ps(a0, a1));
+  acc_b = Sum8(_mm256_add_ps(b0, b1));
+#endif
+  for (; i < n; ++i) {
+    acc_a += a[i] * x[i];
+    acc_b += b[i] * x[i];
+  }
+  *out_a = acc_a;
+  *out_b = acc_b;
+}
+
 // row . x with four independent accumulators (one chain would wait on FMA latency, not on memory)
 inline float Dot(const float* row, const float* x, int64_t n) {
   int64_t i = 0;
@@ -37,6 +74,8 @@ inline float Dot(const float* row, const float* x, int64_t n) {
 #if defined(__AVX2__) && defined(__FMA__)
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   for (; i + 32 <= n; i += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(row + i + kAhead), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(row + i + kAhead + 16), _MM_HINT_T0);
     a0 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(x + i), a0);
     a1 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 8), _mm256_loadu_ps(x + i + 8), a1);
     a2 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 16), _mm256_loadu_ps(x + i + 16), a2);
@@ -102,21 +141,58 @@ ffi::Error SparseGateUpImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> indic
     }
     const float* up_row = up_rows + static_cast<int64_t>(idx[k]) * d_model;
     const float* gate_row = gated ? gate_rows + static_cast<int64_t>(idx[k]) * d_model : nullptr;
-    if (k + 1 < n) {  // start the next rows' first lines while this one streams
-      __builtin_prefetch(up_rows + static_cast<int64_t>(idx[k + 1]) * d_model);
-      if (gated) __builtin_prefetch(gate_rows + static_cast<int64_t>(idx[k + 1]) * d_model);
+    if (k + 1 < n) {  // the next rows' first lines while this one streams
+      PrefetchHead(up_rows + static_cast<int64_t>(idx[k + 1]) * d_model, d_model);
+      if (gated) PrefetchHead(gate_rows + static_cast<int64_t>(idx[k + 1]) * d_model, d_model);
     }
     for (int64_t b = 0; b < tokens; ++b) {
       const float* xb = xs + b * d_model;
-      const float gate = gated ? Dot(gate_row, xb, d_model) : 0.f;
-      out[b * capacity + k] = Pair(activation, gate, Dot(up_row, xb, d_model));
+      float gate = 0.f, up = 0.f;
+      if (gated) {
+        DotPair(gate_row, up_row, xb, d_model, &gate, &up);
+      } else {
+        up = Dot(up_row, xb, d_model);
+      }
+      out[b * capacity + k] = Pair(activation, gate, up);
     }
   }
   return ffi::Error::Success();
 }
 
-// y[b] = sum over k < count of hidden[b, k] * W_down[idx[k]]. Threads own disjoint column ranges (no reduction);
-// a row whose coefficients are all zero (a predicted neuron that did not fire) is not read.
+// y += c * row, streaming the row with prefetch ahead
+inline void Axpy(float c, const float* row, float* y, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 cv = _mm256_set1_ps(c);
+  for (; i + 16 <= n; i += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(row + i + kAhead), _MM_HINT_T0);
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(cv, _mm256_loadu_ps(row + i), _mm256_loadu_ps(y + i)));
+    _mm256_storeu_ps(y + i + 8, _mm256_fmadd_ps(cv, _mm256_loadu_ps(row + i + 8), _mm256_loadu_ps(y + i + 8)));
+  }
+#endif
+  for (; i < n; ++i) y[i] += c * row[i];
+}
+
+// y += c0 * row0 + c1 * row1: two streams in flight per core, one pass over y
+inline void Axpy2(float c0, const float* row0, float c1, const float* row1, float* y, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 v0 = _mm256_set1_ps(c0), v1 = _mm256_set1_ps(c1);
+  for (; i + 16 <= n; i += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(row0 + i + kAhead), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(row1 + i + kAhead), _MM_HINT_T0);
+    __m256 lo = _mm256_fmadd_ps(v0, _mm256_loadu_ps(row0 + i), _mm256_loadu_ps(y + i));
+    __m256 hi = _mm256_fmadd_ps(v0, _mm256_loadu_ps(row0 + i + 8), _mm256_loadu_ps(y + i + 8));
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(v1, _mm256_loadu_ps(row1 + i), lo));
+    _mm256_storeu_ps(y + i + 8, _mm256_fmadd_ps(v1, _mm256_loadu_ps(row1 + i + 8), hi));
+  }
+#endif
+  for (; i < n; ++i) y[i] += c0 * row0[i] + c1 * row1[i];
+}
+
+// y[b] = sum over k < count of hidden[b, k] * W_down[idx[k]]. Threads take disjoint runs of active rows (whole
+// rows: long streams) into private accumulators, summed at the end; a row whose coefficients are all zero (a
+// predicted neuron that did not fire) is not read.
 ffi::Error SparseDownImpl(ffi::Buffer<ffi::F32> hidden, ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> count,
                           ffi::Buffer<ffi::F32> w_down, int64_t threads, ffi::ResultBuffer<ffi::F32> y) {
   const auto dims = w_down.dimensions();
@@ -124,35 +200,47 @@ ffi::Error SparseDownImpl(ffi::Buffer<ffi::F32> hidden, ffi::Buffer<ffi::S32> in
   const int64_t capacity = indices.element_count();
   if (dims.size() != 2 || h_dims.size() != 2 || h_dims[1] != capacity)
     return ffi::Error::InvalidArgument("hidden must be [B, K] and w_down [F, D]");
-  const int64_t tokens = h_dims[0], d_model = dims[1];
+  const int64_t tokens = h_dims[0], d_model = dims[1], size = tokens * d_model;
   int64_t n = 0;
   if (ffi::Error error = ActiveCount(indices, count, dims[0], &n); error.failure()) return error;
   const float* h = hidden.typed_data();
   const int32_t* idx = indices.typed_data();
   const float* rows = w_down.typed_data();
   float* out = y->typed_data();
-  const int64_t parts = threads < 1 ? 1 : threads;
+  const int64_t parts = std::max<int64_t>(1, std::min(threads, std::max<int64_t>(n, 1)));
+  std::vector<float> partial(static_cast<size_t>((parts - 1) * size), 0.f);  // part 0 accumulates into out
 #pragma omp parallel for num_threads(parts) schedule(static, 1)
   for (int64_t part = 0; part < parts; ++part) {
-    // column range of this part, in multiples of 16 floats (64 bytes) so parts never share a cache line
-    const int64_t lines = (d_model + 15) / 16;
-    const int64_t begin = std::min(d_model, part * lines / parts * 16);
-    const int64_t end = std::min(d_model, (part + 1) * lines / parts * 16);
-    if (begin >= end) continue;
-    for (int64_t b = 0; b < tokens; ++b)
-      for (int64_t d = begin; d < end; ++d) out[b * d_model + d] = 0.f;
-    for (int64_t k = 0; k < n; ++k) {
-      bool any = false;
-      for (int64_t b = 0; b < tokens; ++b) any |= h[b * capacity + k] != 0.f;
-      if (!any) continue;
-      const float* row = rows + static_cast<int64_t>(idx[k]) * d_model;
+    float* acc = part == 0 ? out : partial.data() + (part - 1) * size;
+    if (part == 0) std::fill(out, out + size, 0.f);
+    const int64_t begin = part * n / parts, end = (part + 1) * n / parts;
+    int64_t k = begin;
+    for (; k + 1 < end; k += 2) {  // rows in pairs
+      const float* row0 = rows + static_cast<int64_t>(idx[k]) * d_model;
+      const float* row1 = rows + static_cast<int64_t>(idx[k + 1]) * d_model;
+      if (k + 3 < end) {
+        PrefetchHead(rows + static_cast<int64_t>(idx[k + 2]) * d_model, d_model);
+        PrefetchHead(rows + static_cast<int64_t>(idx[k + 3]) * d_model, d_model);
+      }
       for (int64_t b = 0; b < tokens; ++b) {
-        const float coefficient = h[b * capacity + k];
-        float* yb = out + b * d_model;
-#pragma omp simd
-        for (int64_t d = begin; d < end; ++d) yb[d] += coefficient * row[d];
+        const float c0 = h[b * capacity + k], c1 = h[b * capacity + k + 1];
+        if (c0 != 0.f && c1 != 0.f) {
+          Axpy2(c0, row0, c1, row1, acc + b * d_model, d_model);
+        } else if (c0 != 0.f) {
+          Axpy(c0, row0, acc + b * d_model, d_model);
+        } else if (c1 != 0.f) {
+          Axpy(c1, row1, acc + b * d_model, d_model);
+        }
       }
     }
+    for (; k < end; ++k)
+      for (int64_t b = 0; b < tokens; ++b)
+        if (h[b * capacity + k] != 0.f)
+          Axpy(h[b * capacity + k], rows + static_cast<int64_t>(idx[k]) * d_model, acc + b * d_model, d_model);
+  }
+  for (int64_t part = 1; part < parts; ++part) {
+    const float* acc = partial.data() + (part - 1) * size;
+    for (int64_t i = 0; i < size; ++i) out[i] += acc[i];
   }
   return ffi::Error::Success();
 }
