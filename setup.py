@@ -16,8 +16,7 @@ setup(
             sources=["kernels_pallas/cpu/sparse_ffn_cpu.cc"],
             language="c++",
             # -isystem: the FFI headers' own warnings are not ours; x86-64-v3 = AVX2 + FMA
-            extra_compile_args=["-std=c++17", "-O3", "-march=x86-64-v3", "-fopenmp", "-isystem", FFI_HEADERS],
-            extra_link_args=["-fopenmp"],
+            extra_compile_args=["-std=c++17", "-O3", "-march=x86-64-v3", "-isystem", FFI_HEADERS],
         )
     ]
 )
