@@ -52,6 +52,29 @@ def register() -> None:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
 
 
+MADV_COLLAPSE = 25  # Linux >= 6.1: back a range with 2 MiB pages now, synchronously
+HUGE_PAGE = 1 << 21
+
+
+def collapse_to_huge_pages(*arrays: jax.Array) -> int:
+    """Asks Linux to back the whole 2 MiB pages inside each CPU array's buffer with huge pages (MADV_COLLAPSE);
+    returns the bytes collapsed (0 where unsupported). Gathering scattered rows crosses a 4 KiB page, and a TLB
+    miss, every 1,024 floats; measured here: the 7B-shaped down projection at 10% active went from ~12-16 to
+    ~19 GB/s. The arrays' values are unchanged."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    collapsed = 0
+    for array in arrays:
+        if array.devices() != {jax.devices("cpu")[0]}:
+            continue
+        start = array.unsafe_buffer_pointer()
+        first = -(-start // HUGE_PAGE) * HUGE_PAGE
+        last = (start + array.nbytes) // HUGE_PAGE * HUGE_PAGE
+        if last > first and libc.madvise(first, last - first, MADV_COLLAPSE) == 0:
+            collapsed += last - first
+    return collapsed
+
+
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 

@@ -72,6 +72,34 @@ inline void DotPair(const float* a, const float* b, const float* x, int64_t n, f
   *out_b = acc_b;
 }
 
+// DotPair for two neurons at once: four row streams in flight per core
+inline void DotPair2(const float* a0r, const float* b0r, const float* a1r, const float* b1r, const float* x,
+                     int64_t n, float* out) {
+  int64_t i = 0;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0r + i), xv, s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(b0r + i), xv, s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a1r + i), xv, s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(b1r + i), xv, s3);
+  }
+  acc[0] = Sum8(s0);
+  acc[1] = Sum8(s1);
+  acc[2] = Sum8(s2);
+  acc[3] = Sum8(s3);
+#endif
+  for (; i < n; ++i) {
+    acc[0] += a0r[i] * x[i];
+    acc[1] += b0r[i] * x[i];
+    acc[2] += a1r[i] * x[i];
+    acc[3] += b1r[i] * x[i];
+  }
+  for (int j = 0; j < 4; ++j) out[j] = acc[j];
+}
+
 // row . x with four independent accumulators (one chain would wait on FMA latency, not on memory)
 inline float Dot(const float* row, const float* x, int64_t n) {
   int64_t i = 0;
@@ -170,7 +198,26 @@ ffi::Error SparseGateUpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, n));
   ParallelFor(pool, parts, n == 0 ? 0 : parts, [&](int64_t part) {
     const int64_t end = (part + 1) * n / parts;
-    for (int64_t k = part * n / parts; k < end; ++k) {
+    int64_t k = part * n / parts;
+    if (gated && tokens == 1) {  // decode: two neurons per pass
+      for (; k + 1 < end; k += 2) {
+        const float* g0 = gate_rows + static_cast<int64_t>(idx[k]) * d_model;
+        const float* u0 = up_rows + static_cast<int64_t>(idx[k]) * d_model;
+        const float* g1 = gate_rows + static_cast<int64_t>(idx[k + 1]) * d_model;
+        const float* u1 = up_rows + static_cast<int64_t>(idx[k + 1]) * d_model;
+        if (k + 3 < end) {
+          for (int64_t j = k + 2; j < k + 4; ++j) {
+            PrefetchHead(gate_rows + static_cast<int64_t>(idx[j]) * d_model, d_model);
+            PrefetchHead(up_rows + static_cast<int64_t>(idx[j]) * d_model, d_model);
+          }
+        }
+        float sums[4];
+        DotPair2(g0, u0, g1, u1, xs, d_model, sums);
+        out[k] = Pair(activation, sums[0], sums[1]);
+        out[k + 1] = Pair(activation, sums[2], sums[3]);
+      }
+    }
+    for (; k < end; ++k) {
       const float* up_row = up_rows + static_cast<int64_t>(idx[k]) * d_model;
       const float* gate_row = gated ? gate_rows + static_cast<int64_t>(idx[k]) * d_model : nullptr;
       if (k + 1 < end) {  // the next rows' first lines while this one streams
@@ -223,6 +270,22 @@ inline void Axpy2(float c0, const float* row0, float c1, const float* row1, floa
   for (; i < n; ++i) y[i] += c0 * row0[i] + c1 * row1[i];
 }
 
+// y += sum of c[j] * row[j] over four rows: four streams in flight per core, one pass over y
+inline void Axpy4(const float* c, const float* const* row, float* y, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 v0 = _mm256_set1_ps(c[0]), v1 = _mm256_set1_ps(c[1]), v2 = _mm256_set1_ps(c[2]),
+               v3 = _mm256_set1_ps(c[3]);
+  for (; i + 8 <= n; i += 8) {
+    __m256 acc = _mm256_fmadd_ps(v0, _mm256_loadu_ps(row[0] + i), _mm256_loadu_ps(y + i));
+    acc = _mm256_fmadd_ps(v1, _mm256_loadu_ps(row[1] + i), acc);
+    acc = _mm256_fmadd_ps(v2, _mm256_loadu_ps(row[2] + i), acc);
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(v3, _mm256_loadu_ps(row[3] + i), acc));
+  }
+#endif
+  for (; i < n; ++i) y[i] += c[0] * row[0][i] + c[1] * row[1][i] + c[2] * row[2][i] + c[3] * row[3][i];
+}
+
 // y[b] = sum over k < count of hidden[b, k] * W_down[idx[k]]. Threads take disjoint runs of active rows (whole
 // rows: long streams) into private accumulators, summed at the end; a row whose coefficients are all zero (a
 // predicted neuron that did not fire) is not read.
@@ -248,6 +311,15 @@ ffi::Error SparseDownImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hidden, ff
     float* acc = part == 0 ? out : partial.data() + (part - 1) * size;
     const int64_t begin = part * n / parts, end = (part + 1) * n / parts;
     int64_t k = begin;
+    if (tokens == 1) {  // decode: four rows per pass (a zero coefficient costs a read here, not a wrong sum)
+      for (; k + 3 < end; k += 4) {
+        const float* four[4];
+        for (int j = 0; j < 4; ++j) four[j] = rows + static_cast<int64_t>(idx[k + j]) * d_model;
+        if (k + 7 < end)
+          for (int64_t j = k + 4; j < k + 8; ++j) PrefetchHead(rows + static_cast<int64_t>(idx[j]) * d_model, d_model);
+        if (h[k] != 0.f || h[k + 1] != 0.f || h[k + 2] != 0.f || h[k + 3] != 0.f) Axpy4(h + k, four, acc, d_model);
+      }
+    }
     for (; k + 1 < end; k += 2) {  // rows in pairs
       const float* row0 = rows + static_cast<int64_t>(idx[k]) * d_model;
       const float* row1 = rows + static_cast<int64_t>(idx[k + 1]) * d_model;

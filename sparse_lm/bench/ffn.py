@@ -53,6 +53,7 @@ class FfnBenchConfig:
     implementations: tuple[str, ...] = ("xla", "ffi")
     activation: Activation = Activation.swiglu  # no exact zeros, so every active row of W_down is read
     rounds: int = 15
+    huge_pages: bool = True  # back every weight (dense and sparse copies alike) with 2 MiB pages when Linux can
     flush_bytes: int = 1 << 30
     bandwidth_bytes: int = 1 << 30
     seed: int = 0
@@ -133,6 +134,7 @@ def run(cfg: FfnBenchConfig, run_dir: str | Path) -> dict[str, Any]:
         cpu.register()  # a clear error now, not after the dense setup, if the C++ library is not built
     bandwidth = measure_read_bandwidth(cfg.bandwidth_bytes)
     layers = make_layers(d_model, d_ff, n_layers, gated, cfg.seed)
+    huge = cpu.collapse_to_huge_pages(*(w for layer in layers for w in layer.values())) if cfg.huge_pages else 0
     dense_layers = [{k: v for k, v in layer.items() if k in ("gate_in", "up_in", "down")} for layer in layers]
     sparse_layers = [{k: v for k, v in layer.items() if k in ("gate", "up", "down")} for layer in layers]
     rng = np.random.default_rng(cfg.seed)
@@ -166,7 +168,7 @@ def run(cfg: FfnBenchConfig, run_dir: str | Path) -> dict[str, Any]:
     rows = []
     summary: dict[str, Any] = {
         "shape": cfg.shape.value, "d_model": d_model, "d_ff": d_ff, "activation": cfg.activation.value,
-        "layers_per_call": n_layers, "read_bandwidth_gb_per_s": bandwidth / 1e9,
+        "layers_per_call": n_layers, "read_bandwidth_gb_per_s": bandwidth / 1e9, "huge_page_bytes": huge,
         "dense_ms": dense_s * 1e3, "dense_bytes": dense_bytes, "dense_floor_ms": dense_bytes / bandwidth * 1e3,
         "dense_gb_per_s": dense_bytes / dense_s / 1e9,
         "floor_speedup": {}, "speedup_vs_dense": {}, "times_ms": {k: [t * 1e3 for t in v] for k, v in times.items()},
@@ -199,7 +201,8 @@ def run(cfg: FfnBenchConfig, run_dir: str | Path) -> dict[str, Any]:
 
 def write_ffn_result(cfg: FfnBenchConfig, summary: dict[str, Any]) -> Path:
     metrics = {k: summary[k] for k in ("shape", "d_model", "d_ff", "activation", "read_bandwidth_gb_per_s",
-                                       "dense_ms", "dense_floor_ms", "dense_gb_per_s", "speedup_implementation")}
+                                       "huge_page_bytes", "dense_ms", "dense_floor_ms", "dense_gb_per_s",
+                                       "speedup_implementation")}
     for f, value in summary["speedup_vs_dense"].items():
         metrics[f"speedup_vs_dense_{f}"] = value
         metrics[f"floor_speedup_{f}"] = summary["floor_speedup"][f]
@@ -209,7 +212,8 @@ def write_ffn_result(cfg: FfnBenchConfig, summary: dict[str, Any]) -> Path:
         f"{summary['layers_per_call']} layers (time per layer shown). `*_speedup`: dense time / sparse time, "
         "measured in the same run. `floor_speedup`: dense weight bytes / sparse weight bytes (plus indices), the "
         "speedup a bandwidth-bound kernel reaches. `*_gb_per_s`: bytes the sparse path must read / its time; "
-        "the read bandwidth measured in the same run is the floor's denominator."
+        "the read bandwidth measured in the same run is the floor's denominator. `huge_page_bytes`: weight bytes "
+        "(dense and sparse copies alike) backed by 2 MiB pages (MADV_COLLAPSE)."
     )
     return write_result(
         cfg.record_as, metrics, command=summary["command"],
