@@ -100,6 +100,9 @@ class FFN(nnx.Module):
         # keeps only the neurons predicted to fire (the dense reference of a predictor-gated sparse FFN).
         self.predictor: nnx.Module | None = nnx.data(None)
         self.predictor_threshold: float = 0.0
+        # Replaces this FFN's computation when set: `executor(ffn, x)` (the sparse engine installs one per layer:
+        # predictor -> active neurons -> sparse kernels; sparse_lm.sparse).
+        self.executor: nnx.Module | None = nnx.data(None)
         self.w_gate = nnx.Param(init_in(rngs.params(), (d_model, d_ff), dtype)) if activation.gated else None
         self.w_up = nnx.Param(init_in(rngs.params(), (d_model, d_ff), dtype))
         self.w_down = nnx.Param(init_out(rngs.params(), (d_ff, d_model), dtype))
@@ -112,6 +115,8 @@ class FFN(nnx.Module):
 
     def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
         self._capture(CapturePoint.ffn_input, x)
+        if self.executor is not None:
+            return self.executor(self, x)
         up = x @ self.w_up[...]
         gate = x @ self.w_gate[...] if self.w_gate is not None else None
         if gate is not None:

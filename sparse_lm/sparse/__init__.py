@@ -1,0 +1,24 @@
+"""Sparse execution of the FFN: the decode engine built on kernels_pallas (predictor -> active neurons -> sparse
+kernels)."""
+
+from sparse_lm.sparse.engine import (
+    SparseEngineConfig,
+    SparseExecutor,
+    active_mask,
+    active_set,
+    choose_capacities,
+    install,
+    predicted_counts,
+    remove,
+)
+
+__all__ = [
+    "SparseEngineConfig",
+    "SparseExecutor",
+    "active_mask",
+    "active_set",
+    "choose_capacities",
+    "install",
+    "predicted_counts",
+    "remove",
+]

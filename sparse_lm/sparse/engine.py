@@ -1,0 +1,143 @@
+"""The sparse decode engine: per layer, the activation predictor picks the neurons to compute (logits above the
+layer's threshold, at most a static capacity chosen from the profile of predicted counts), and the FFN computes
+only those rows with the sparse kernels. Attention stays dense.
+
+One token at a time (decode) goes through kernels_pallas.sparse_ffn (the C++ twin on CPU, Pallas on GPU); longer
+inputs (prefill, perplexity) compute densely and keep the same neurons, so the engine's perplexity is measured
+with the full-sequence forward. Shapes never depend on the active count, so the decode step compiles once.
+Legend: B batch, L length, D d_model, F d_ff, K capacity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from kernels_pallas import Implementation, sparse_ffn
+from sparse_lm.models.capture import capture_forward, set_capture
+from sparse_lm.models.ffn import CapturePoint, activation_pair, apply_threshold
+from sparse_lm.predictors.module import PredictorSet
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseEngineConfig:
+    """Attributes:
+    implementation: kernels for one-token steps (auto: the C++ twin on CPU, Pallas on GPU; xla: gather + dot).
+    capacity_quantile: each layer's capacity is this quantile of its predicted count per token on the
+      calibration tokens (rounded up to `capacity_multiple`); tokens predicting more keep their highest logits.
+    """
+
+    implementation: Implementation = Implementation.auto
+    capacity_quantile: float = 0.999
+    capacity_multiple: int = 16
+
+    def __post_init__(self):
+        object.__setattr__(self, "implementation", Implementation(self.implementation))
+        if not 0 < self.capacity_quantile <= 1:
+            raise ValueError(f"sparse.capacity_quantile must be in (0, 1], got {self.capacity_quantile}")
+        if self.capacity_multiple < 1:
+            raise ValueError(f"sparse.capacity_multiple must be >= 1, got {self.capacity_multiple}")
+
+
+def active_set(
+    logits: Float[Array, "... F"], threshold: float, capacity: int
+) -> tuple[Int[Array, "... K"], Int[Array, "..."]]:
+    """The neurons with logits above `threshold`, at most `capacity` (the highest logits), as ascending indices
+    padded with 0 to K = capacity, and their count."""
+    d_ff = logits.shape[-1]
+    predicted = logits > threshold
+    scores = jnp.where(predicted, logits, -jnp.inf)
+    _, top = jax.lax.top_k(scores, capacity)
+    count = jnp.minimum(jnp.sum(predicted, axis=-1), capacity).astype(jnp.int32)
+    valid = jnp.arange(capacity) < count[..., None]  # top_k puts the predicted first
+    ordered = jnp.sort(jnp.where(valid, top, d_ff), axis=-1)  # ascending rows read memory in order
+    return jnp.where(ordered < d_ff, ordered, 0).astype(jnp.int32), count
+
+
+def active_mask(logits: Float[Array, "... F"], threshold: float, capacity: int) -> Bool[Array, "... F"]:
+    """The same neurons as `active_set`, as a mask over F."""
+    indices, count = active_set(logits, threshold, capacity)
+    keep = jnp.arange(capacity) < count[..., None]
+    rows = jnp.where(keep, indices, logits.shape[-1])
+    flat_rows = rows.reshape(-1, capacity)
+    mask = jnp.zeros((flat_rows.shape[0], logits.shape[-1]), bool)
+    mask = mask.at[jnp.arange(flat_rows.shape[0])[:, None], flat_rows].set(True, mode="drop")
+    return mask.reshape(logits.shape)
+
+
+class SparseExecutor(nnx.Module):
+    """One layer's sparse FFN: its predictor, threshold, capacity and the [F, D] rows of the gate and up
+    projections (W_down is already stored [F, D] and is read from the FFN itself)."""
+
+    def __init__(self, ffn, predictor: nnx.Module, threshold: float, capacity: int, implementation: Implementation):
+        self.predictor = predictor
+        self.threshold = float(threshold)
+        self.capacity = int(capacity)
+        self.implementation = Implementation(implementation)
+        self.gate_rows = None if ffn.w_gate is None else nnx.Param(jnp.asarray(ffn.w_gate[...]).T.copy())
+        self.up_rows = nnx.Param(jnp.asarray(ffn.w_up[...]).T.copy())
+
+    def __call__(self, ffn, x: Float[Array, "B L D"]) -> Float[Array, "B L D"]:
+        logits = self.predictor(x)
+        if x.shape[:-1] == (1, 1):  # one token: compute only the active rows
+            indices, count = active_set(logits[0, 0], self.threshold, self.capacity)
+            y = sparse_ffn(x[0], indices, count, None if self.gate_rows is None else self.gate_rows[...],
+                           self.up_rows[...], ffn.w_down[...], ffn.activation, implementation=self.implementation)
+            return y[None]
+        # prefill / evaluation: the same neurons, computed densely
+        up = x @ ffn.w_up[...]
+        gate = x @ ffn.w_gate[...] if ffn.w_gate is not None else None
+        hidden = apply_threshold(activation_pair(ffn.activation, gate, up), ffn.threshold)
+        hidden = jnp.where(active_mask(logits, self.threshold, self.capacity), hidden, 0.0)
+        return hidden @ ffn.w_down[...]
+
+
+def predicted_counts(model, predictors: PredictorSet, tokens: Int[np.ndarray, "N S"], batch_size: int = 4
+                     ) -> np.ndarray:
+    """Per layer, the predicted-active count of every token of `tokens` ([L, N*S])."""
+    set_capture(model, [CapturePoint.ffn_input])
+    graphdef, params = nnx.split(model)
+    set_capture(model, [])
+    thresholds = np.asarray(predictors.thresholds[...])
+
+    @jax.jit
+    def counts(params, batch):
+        _, captured = capture_forward(nnx.merge(graphdef, params), batch)
+        return jnp.stack([jnp.sum(layer(x) > thresholds[i], axis=-1).reshape(-1)
+                          for i, (layer, x) in enumerate(zip(predictors.layers, captured[CapturePoint.ffn_input],
+                                                             strict=True))])
+
+    out = [np.asarray(counts(params, jnp.asarray(tokens[i : i + batch_size])))
+           for i in range(0, len(tokens) - batch_size + 1, batch_size)]
+    if not out:
+        raise ValueError(f"{len(tokens)} sequences make no batch of {batch_size}")
+    return np.concatenate(out, axis=1)
+
+
+def choose_capacities(counts: np.ndarray, d_ff: int, quantile: float, multiple: int) -> list[int]:
+    """Per layer, the `quantile` of the predicted counts rounded up to `multiple` (at least `multiple`, at most
+    d_ff)."""
+    return [int(min(d_ff, max(multiple, math.ceil(np.quantile(c, quantile) / multiple) * multiple)))
+            for c in counts]
+
+
+def install(model, predictors: PredictorSet, capacities: list[int], implementation: Implementation | str) -> None:
+    """Routes every FFN of `model` through its layer's SparseExecutor (`remove` undoes it)."""
+    predictors.check_fits(model.config)
+    if len(capacities) != model.config.n_layers:
+        raise ValueError(f"{len(capacities)} capacities for a model of {model.config.n_layers} layers")
+    thresholds = np.asarray(predictors.thresholds[...])
+    for layer, block in enumerate(model.blocks):
+        block.ffn.executor = SparseExecutor(block.ffn, predictors.layers[layer], thresholds[layer],
+                                            capacities[layer], implementation)
+
+
+def remove(model) -> None:
+    for block in model.blocks:
+        block.ffn.executor = None
