@@ -24,6 +24,14 @@ def main(cfg: DictConfig) -> None:
         f"the rest {s['non_matvec_ms_per_token']:.1f} ms/token; "
         f"llama.cpp F32 (ANCHORS.md) {s['llama_cpp_f32_paper_tokens_per_s']:.1f} tok/s"
     )
+    if "tokens_per_s_sparse" in s:
+        print(
+            f"sparse engine ({s['implementation']}): {s['tokens_per_s_sparse']:.1f} tok/s vs dense "
+            f"{s['tokens_per_s_dense']:.1f} in the same run ({s['sparse_speedup']:.2f}x; floors "
+            f"{s['sparse_floor_tokens_per_s']:.1f} / {s['dense_floor_tokens_per_s']:.1f}); predicted "
+            f"{s['predicted_active_mean']:.1%} of neurons; perplexity {s['perplexity_dense']:.2f} -> "
+            f"{s['perplexity_sparse']:.2f} ({s['perplexity_change']:+.2%})"
+        )
 
 
 if __name__ == "__main__":

@@ -19,9 +19,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparse_lm.bench.bandwidth import measure_read_bandwidth
+from sparse_lm.bench.sparse_decode import compare
+from sparse_lm.data import DataConfig
 from sparse_lm.eval.generate import Generator, prompt_bucket
 from sparse_lm.models.loading import ModelSpec, build_model
 from sparse_lm.results import current_command, write_result
+from sparse_lm.sparse import SparseEngineConfig
 from sparse_lm.tracking.base import to_jsonable
 from sparse_lm.utils.io import atomic_write_json
 
@@ -37,6 +40,14 @@ class DecodeBenchConfig:
     new_tokens: int = 128
     repeats: int = 3
     bandwidth_bytes: int = 1 << 30
+    # With a predictor folder (a train_predictor run's predictors/): the sparse engine against dense, side by side
+    predictors: str = ""
+    sparse: SparseEngineConfig = dataclasses.field(default_factory=SparseEngineConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    calibration_tokens: int = 8192
+    perplexity_tokens: int = 16384
+    perplexity_context: int = 256
+    progress: bool = True
     record_as: str | None = None
     results_dir: str = "results"
 
@@ -121,8 +132,17 @@ def run(cfg: DecodeBenchConfig, run_dir: str | Path) -> dict[str, Any]:
         "llama_cpp_f32_paper_tokens_per_s": LLAMA_CPP_F32_ANCHOR_TOKENS_PER_S,
         "ratio_to_llama_cpp_anchor": decode / LLAMA_CPP_F32_ANCHOR_TOKENS_PER_S,
     }
+    if cfg.predictors:
+        summary.update(compare(
+            model, tokenizer, prompt, predictors_dir=cfg.predictors, sparse=cfg.sparse, data=cfg.data,
+            new_tokens=cfg.new_tokens, repeats=cfg.repeats, calibration_tokens=cfg.calibration_tokens,
+            perplexity_tokens=cfg.perplexity_tokens, context=cfg.perplexity_context, dense_weight_bytes=n_bytes,
+            bandwidth=bandwidth, progress=cfg.progress,
+        ))
     atomic_write_json(run_dir / "summary.json", summary)
-    if cfg.record_as:
+    if cfg.record_as and cfg.predictors:
+        write_sparse_result(cfg, summary)
+    elif cfg.record_as:
         write_result(
             cfg.record_as,
             summary,
@@ -140,3 +160,25 @@ def run(cfg: DecodeBenchConfig, run_dir: str | Path) -> dict[str, Any]:
             results_dir=cfg.results_dir,
         )
     return summary
+
+
+def write_sparse_result(cfg: DecodeBenchConfig, summary: dict[str, Any]) -> Path:
+    keys = ("model", "tokens_per_s_dense", "tokens_per_s_sparse", "sparse_speedup", "perplexity_dense",
+            "perplexity_sparse", "perplexity_change", "predicted_active_mean", "capacity_mean_fraction",
+            "dense_floor_tokens_per_s", "sparse_floor_tokens_per_s", "read_bandwidth_gb_per_s", "implementation",
+            "tokens_per_s_dense_runs", "tokens_per_s_sparse_runs", "greedy_tokens_equal_dense", "new_tokens",
+            "perplexity_tokens", "llama_cpp_f32_paper_tokens_per_s")
+    return write_result(
+        cfg.record_as, {k: summary[k] for k in keys}, command=current_command(),
+        title=f"Sparse decode engine against dense: {summary['model']} (f32, batch 1, CPU)",
+        notes=(
+            "Dense and sparse greedy decode through the same jitted KV-cache step, repeats interleaved in one run "
+            "(median). Sparse: each layer's predictor selects the neurons (logits above its recall-calibrated "
+            "threshold, capped at the layer's capacity = the `capacity_quantile` of predicted counts on training "
+            "tokens), and the FFN reads only those rows (kernels_pallas, the C++ twin on CPU). Perplexity on the "
+            "validation tokens with the same neurons kept (full-sequence forward). Floors: bytes read per token / "
+            "the read bandwidth measured in the same run. `greedy_tokens_equal_dense`: how many of the first "
+            "run's generated tokens match the dense model's. llama.cpp's 43 tok/s: shared/ANCHORS.md, not this run."
+        ),
+        results_dir=cfg.results_dir,
+    )

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from sparse_lm.models.loading import ModelSpec, build_model
 from sparse_lm.train.checkpoint import Checkpointer, CheckpointMismatchError
@@ -49,6 +50,8 @@ def test_run_writes_history_summary_checkpoints_and_result(text_file, tmp_path):
     assert model.config.activation.value == "drelu" and tokenizer.vocab_size == 257
     state, _ = Checkpointer(tmp_path / "run", keep=2, read_only=True).restore(_template(cfg))
     np.testing.assert_array_equal(model.blocks[1].ffn.w_down[...], state.params["blocks"][1]["ffn"]["w_down"][...])
+    # device arrays, not numpy ones a jitted step would copy to the device on every call
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def _template(cfg):

@@ -1,0 +1,82 @@
+"""End-to-end decode of a model with its activation predictors: dense against the sparse engine, measured side by
+side in one run (interleaved repeats), with both perplexities on the same validation tokens.
+
+Capacities come from the profile of predicted counts on training tokens (`sparse.capacity_quantile`). The floor
+of the sparse step is the bytes it must read per token (every weight except the FFN rows not predicted, plus the
+predictors) over the read bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparse_lm.data import DataConfig, Split, pack_sequences, split_tokens
+from sparse_lm.eval.generate import Generator, prompt_bucket
+from sparse_lm.eval.perplexity import perplexity
+from sparse_lm.predictors import load_predictors
+from sparse_lm.sparse import SparseEngineConfig, choose_capacities, install, predicted_counts, remove
+
+
+def predictor_bytes(predictors) -> int:
+    return 4 * sum(predictors.param_counts())
+
+
+def compare(model, tokenizer, prompt: list[int], *, predictors_dir: str, sparse: SparseEngineConfig, data: DataConfig,
+            new_tokens: int, repeats: int, calibration_tokens: int, perplexity_tokens: int, context: int,
+            dense_weight_bytes: int, bandwidth: float, progress: bool) -> dict[str, Any]:
+    """Dense and sparse tokens/s (median of interleaved repeats) and perplexities; model is left dense."""
+    config = model.config
+    folder = Path(predictors_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"predictors={predictors_dir}: no such folder (a train_predictor run's predictors/)")
+    predictors = load_predictors(folder, config)
+    train = split_tokens(data.replace(split=Split.train), tokenizer, progress=progress)
+    rows = pack_sequences(train[:calibration_tokens], 256).tokens
+    counts = predicted_counts(model, predictors, rows)
+    capacities = choose_capacities(counts, config.d_ff, sparse.capacity_quantile, sparse.capacity_multiple)
+    capacity = prompt_bucket(len(prompt)) + new_tokens
+    dense = Generator(model, capacity=capacity)
+    install(model, predictors, capacities, sparse.implementation)
+    engine = Generator(model, capacity=capacity)
+    remove(model)
+    dense_runs, sparse_runs = [], []
+    for _ in range(repeats):  # interleaved: both see the same machine state
+        dense_runs.append(dense.generate(prompt, new_tokens))
+        sparse_runs.append(engine.generate(prompt, new_tokens))
+    validation = split_tokens(data.replace(split=Split.validation), tokenizer, progress=progress)[:perplexity_tokens]
+    perplexity_dense = perplexity(model, validation, context=context, progress=progress).perplexity
+    install(model, predictors, capacities, sparse.implementation)
+    try:
+        perplexity_sparse = perplexity(model, validation, context=context, progress=progress).perplexity
+    finally:
+        remove(model)
+    mean_predicted = counts.mean(axis=1)
+    ffn_row_bytes = (3 if config.activation.gated else 2) * config.d_model * 4
+    sparse_bytes = (dense_weight_bytes - config.n_layers * config.d_ff * ffn_row_bytes
+                    + int(mean_predicted.sum()) * ffn_row_bytes + predictor_bytes(predictors))
+    dense_tps = statistics.median(r.decode_tokens_per_s for r in dense_runs)
+    sparse_tps = statistics.median(r.decode_tokens_per_s for r in sparse_runs)
+    same = sum(a == b for a, b in zip(dense_runs[0].tokens, sparse_runs[0].tokens, strict=True))
+    return {
+        "tokens_per_s_dense": dense_tps,
+        "tokens_per_s_sparse": sparse_tps,
+        "sparse_speedup": sparse_tps / dense_tps,
+        "tokens_per_s_dense_runs": ", ".join(f"{r.decode_tokens_per_s:.2f}" for r in dense_runs),
+        "tokens_per_s_sparse_runs": ", ".join(f"{r.decode_tokens_per_s:.2f}" for r in sparse_runs),
+        "perplexity_dense": perplexity_dense,
+        "perplexity_sparse": perplexity_sparse,
+        "perplexity_change": perplexity_sparse / perplexity_dense - 1,
+        "perplexity_tokens": len(validation),
+        "predicted_active_mean": float(mean_predicted.mean() / config.d_ff),
+        "capacities": capacities,
+        "capacity_mean_fraction": float(np.mean(capacities) / config.d_ff),
+        "sparse_bytes_per_token": sparse_bytes,
+        "sparse_floor_tokens_per_s": bandwidth / sparse_bytes,
+        "dense_floor_tokens_per_s": bandwidth / dense_weight_bytes,
+        "greedy_tokens_equal_dense": same,
+        "implementation": sparse.implementation.value,
+    }
