@@ -26,12 +26,13 @@ from sparse_lm.sparse import (
 
 def test_active_set_by_hand():
     logits = jnp.array([0.5, 3.0, -1.0, 2.0, 1.0])
-    indices, count = active_set(logits, 0.7, capacity=2)  # neurons 1, 3, 4 predicted; the two highest kept
+    indices, count = active_set(logits, 0.7, capacity=2)  # neurons 1, 3, 4 predicted; the first two kept
     assert indices.tolist() == [1, 3] and int(count) == 2
     indices, count = active_set(logits, 0.7, capacity=4)
     assert indices.tolist() == [1, 3, 4, 0] and int(count) == 3  # ascending, padded with 0
     assert active_mask(logits, 0.7, capacity=2).tolist() == [False, True, False, True, False]
     assert active_mask(logits[None, None], 0.7, capacity=4)[0, 0].tolist() == [False, True, False, True, True]
+    assert active_mask(jnp.array([[2.0, 2.0, 0.0, 2.0]]), 1.0, capacity=2).tolist() == [[True, True, False, False]]
     indices, count = active_set(logits, 5.0, capacity=3)
     assert int(count) == 0
 
