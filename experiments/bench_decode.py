@@ -24,6 +24,9 @@ def main(cfg: DictConfig) -> None:
         f"the rest {s['non_matvec_ms_per_token']:.1f} ms/token; "
         f"llama.cpp F32 (ANCHORS.md) {s['llama_cpp_f32_paper_tokens_per_s']:.1f} tok/s"
     )
+    if "llama_cpp_tokens_per_s" in s:
+        print(f"llama.cpp F32 in this run: {s['llama_cpp_tokens_per_s']:.1f} tok/s "
+              f"(runs {s['llama_cpp_tokens_per_s_runs']})")
     if "tokens_per_s_sparse" in s:
         print(
             f"sparse engine ({s['implementation']}): {s['tokens_per_s_sparse']:.1f} tok/s vs dense "

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparse_lm.bench import llama_cpp
 from sparse_lm.bench.bandwidth import measure_read_bandwidth
 from sparse_lm.bench.sparse_decode import compare
 from sparse_lm.data import DataConfig
@@ -47,6 +48,9 @@ class DecodeBenchConfig:
     calibration_tokens: int = 8192
     perplexity_tokens: int = 16384
     perplexity_context: int = 256
+    # llama.cpp (the `bench` extra) decoding the model's F32 GGUF in the same run, repeats interleaved with ours
+    llama_cpp: bool = False
+    llama_cpp_dir: str = "runs/llama_cpp"
     progress: bool = True
     record_as: str | None = None
     results_dir: str = "results"
@@ -102,8 +106,17 @@ def run(cfg: DecodeBenchConfig, run_dir: str | Path) -> dict[str, Any]:
     model, tokenizer = build_model(cfg.model)
     prompt = tokenizer.encode(cfg.prompt)
     generator = Generator(model, capacity=prompt_bucket(len(prompt)) + cfg.new_tokens)
+    peer = None
+    if cfg.llama_cpp:
+        if not llama_cpp.available():
+            raise ValueError("llama_cpp=true needs llama-cpp-python: pip install -e '.[bench]' (builds llama.cpp)")
+        peer = llama_cpp.LlamaCppPeer(llama_cpp.f32_gguf(cfg.llama_cpp_dir), cfg.prompt, cfg.new_tokens)
     bandwidth_before = measure_read_bandwidth(cfg.bandwidth_bytes)
-    runs = [generator.generate(prompt, cfg.new_tokens) for _ in range(cfg.repeats)]
+    runs, peer_runs = [], []
+    for _ in range(cfg.repeats):  # interleaved with llama.cpp's runs when it is measured
+        runs.append(generator.generate(prompt, cfg.new_tokens))
+        if peer is not None:
+            peer_runs.append(peer.run()[0])
     matvec_seconds, matvec_bytes = matvec_only_seconds(model)
     bandwidth_after = measure_read_bandwidth(cfg.bandwidth_bytes)
     bandwidth = max(bandwidth_before, bandwidth_after)
@@ -132,13 +145,21 @@ def run(cfg: DecodeBenchConfig, run_dir: str | Path) -> dict[str, Any]:
         "llama_cpp_f32_paper_tokens_per_s": LLAMA_CPP_F32_ANCHOR_TOKENS_PER_S,
         "ratio_to_llama_cpp_anchor": decode / LLAMA_CPP_F32_ANCHOR_TOKENS_PER_S,
     }
+    if peer is not None:
+        speed, generated = peer.run()
+        summary["llama_cpp_tokens_per_s"] = statistics.median(peer_runs)
+        summary["llama_cpp_tokens_per_s_runs"] = ", ".join(f"{v:.2f}" for v in peer_runs)
+        summary["llama_cpp_first_tokens"] = peer.detokenize(generated[:8])
+        summary["llama_cpp_threads"] = peer.threads
     if cfg.predictors:
         summary.update(compare(
             model, tokenizer, prompt, predictors_dir=cfg.predictors, sparse=cfg.sparse, data=cfg.data,
             new_tokens=cfg.new_tokens, repeats=cfg.repeats, calibration_tokens=cfg.calibration_tokens,
             perplexity_tokens=cfg.perplexity_tokens, context=cfg.perplexity_context, dense_weight_bytes=n_bytes,
-            bandwidth=bandwidth, progress=cfg.progress,
+            bandwidth=bandwidth, progress=cfg.progress, peer=peer,
         ))
+    if peer is not None:
+        peer.close()
     atomic_write_json(run_dir / "summary.json", summary)
     if cfg.record_as and cfg.predictors:
         write_sparse_result(cfg, summary)
@@ -168,8 +189,11 @@ def write_sparse_result(cfg: DecodeBenchConfig, summary: dict[str, Any]) -> Path
             "dense_floor_tokens_per_s", "sparse_floor_tokens_per_s", "read_bandwidth_gb_per_s", "implementation",
             "tokens_per_s_dense_runs", "tokens_per_s_sparse_runs", "greedy_tokens_equal_dense", "new_tokens",
             "perplexity_tokens", "llama_cpp_f32_paper_tokens_per_s")
+    peer_keys = ("llama_cpp_tokens_per_s", "llama_cpp_tokens_per_s_runs", "llama_cpp_first_tokens",
+                 "llama_cpp_threads", "tokens_per_s_llama_cpp_interleaved", "sparse_over_llama_cpp")
+    metrics = {k: summary[k] for k in keys} | {k: summary[k] for k in peer_keys if k in summary}
     return write_result(
-        cfg.record_as, {k: summary[k] for k in keys}, command=current_command(),
+        cfg.record_as, metrics, command=current_command(),
         title=f"Sparse decode engine against dense: {summary['model']} (f32, batch 1, CPU)",
         notes=(
             "Dense and sparse greedy decode through the same jitted KV-cache step, repeats interleaved in one run "
@@ -178,7 +202,10 @@ def write_sparse_result(cfg: DecodeBenchConfig, summary: dict[str, Any]) -> Path
             "tokens), and the FFN reads only those rows (kernels_pallas, the C++ twin on CPU). Perplexity on the "
             "validation tokens with the same neurons kept (full-sequence forward). Floors: bytes read per token / "
             "the read bandwidth measured in the same run. `greedy_tokens_equal_dense`: how many of the first "
-            "run's generated tokens match the dense model's. llama.cpp's 43 tok/s: shared/ANCHORS.md, not this run."
+            "run's generated tokens match the dense model's. `llama_cpp_*`: llama.cpp (llama-cpp-python, same thread "
+            "count) decoding the original SmolLM2 written as an F32 GGUF, measured in this run (it has no dReLU, and "
+            "the original has the same shapes, hence the same bytes per token); `llama_cpp_f32_paper_tokens_per_s` "
+            "is the number in shared/ANCHORS.md."
         ),
         results_dir=cfg.results_dir,
     )

@@ -27,14 +27,17 @@ def predictor_bytes(predictors) -> int:
 
 def compare(model, tokenizer, prompt: list[int], *, predictors_dir: str, sparse: SparseEngineConfig, data: DataConfig,
             new_tokens: int, repeats: int, calibration_tokens: int, perplexity_tokens: int, context: int,
-            dense_weight_bytes: int, bandwidth: float, progress: bool) -> dict[str, Any]:
+            dense_weight_bytes: int, bandwidth: float, progress: bool, peer=None) -> dict[str, Any]:
     """Dense and sparse tokens/s (median of interleaved repeats) and perplexities; model is left dense."""
     config = model.config
     folder = Path(predictors_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"predictors={predictors_dir}: no such folder (a train_predictor run's predictors/)")
     predictors = load_predictors(folder, config)
-    train = split_tokens(data.replace(split=Split.train), tokenizer, progress=progress)
+    def split(name: Split) -> DataConfig:  # a text file is one document: its only split is "all"
+        return data if data.corpus.value == "textfile" else data.replace(split=name)
+
+    train = split_tokens(split(Split.train), tokenizer, progress=progress)
     rows = pack_sequences(train[:calibration_tokens], 256).tokens
     counts = predicted_counts(model, predictors, rows)
     capacities = choose_capacities(counts, config.d_ff, sparse.capacity_quantile, sparse.capacity_multiple)
@@ -43,11 +46,13 @@ def compare(model, tokenizer, prompt: list[int], *, predictors_dir: str, sparse:
     install(model, predictors, capacities, sparse.implementation)
     engine = Generator(model, capacity=capacity)
     remove(model)
-    dense_runs, sparse_runs = [], []
-    for _ in range(repeats):  # interleaved: both see the same machine state
+    dense_runs, sparse_runs, peer_runs = [], [], []
+    for _ in range(repeats):  # interleaved: all see the same machine state
         dense_runs.append(dense.generate(prompt, new_tokens))
         sparse_runs.append(engine.generate(prompt, new_tokens))
-    validation = split_tokens(data.replace(split=Split.validation), tokenizer, progress=progress)[:perplexity_tokens]
+        if peer is not None:
+            peer_runs.append(peer.run()[0])
+    validation = split_tokens(split(Split.validation), tokenizer, progress=progress)[:perplexity_tokens]
     perplexity_dense = perplexity(model, validation, context=context, progress=progress).perplexity
     install(model, predictors, capacities, sparse.implementation)
     try:
@@ -61,7 +66,11 @@ def compare(model, tokenizer, prompt: list[int], *, predictors_dir: str, sparse:
     dense_tps = statistics.median(r.decode_tokens_per_s for r in dense_runs)
     sparse_tps = statistics.median(r.decode_tokens_per_s for r in sparse_runs)
     same = sum(a == b for a, b in zip(dense_runs[0].tokens, sparse_runs[0].tokens, strict=True))
-    return {
+    peer_summary = {}
+    if peer_runs:
+        peer_summary = {"tokens_per_s_llama_cpp_interleaved": statistics.median(peer_runs),
+                        "sparse_over_llama_cpp": sparse_tps / statistics.median(peer_runs)}
+    return peer_summary | {
         "tokens_per_s_dense": dense_tps,
         "tokens_per_s_sparse": sparse_tps,
         "sparse_speedup": sparse_tps / dense_tps,

@@ -55,3 +55,60 @@ def test_hydra_config_composes_to_the_schema():
     assert (cfg.model.preset, cfg.new_tokens, cfg.repeats) == ("tiny", 8, 3)
     with pytest.raises(ValueError, match="repeats"):
         DecodeBenchConfig(repeats=0)
+
+
+def test_sparse_engine_comparison_on_a_tiny_model(tmp_path, text_file):
+    from flax import nnx
+
+    from sparse_lm.data import DataConfig
+    from sparse_lm.predictors import PredictorSet, save_predictors
+
+    spec = ModelSpec(preset="tiny", source="random", activation="drelu")
+    model, _ = build_model(spec)
+    predictors = PredictorSet(model.config, [8, 8], rngs=nnx.Rngs(1))
+    save_predictors(tmp_path / "predictors", predictors, model.config)
+    cfg = DecodeBenchConfig(
+        model=spec, new_tokens=6, repeats=2, bandwidth_bytes=1 << 22, predictors=str(tmp_path / "predictors"),
+        data=DataConfig(corpus="textfile", path=str(text_file), split="all", cache_dir=str(tmp_path / "cache")),
+        calibration_tokens=2048, perplexity_tokens=600, perplexity_context=64, progress=False,
+        record_as="sparse_tiny", results_dir=str(tmp_path / "results"),
+    )
+    summary = run(cfg, tmp_path / "run")
+    assert summary["tokens_per_s_sparse"] > 0 and summary["tokens_per_s_dense"] > 0
+    assert summary["sparse_speedup"] == pytest.approx(summary["tokens_per_s_sparse"] / summary["tokens_per_s_dense"])
+    assert len(summary["capacities"]) == 2 and all(16 <= c <= 128 and c % 16 == 0 for c in summary["capacities"])
+    # thresholds 0 on random predictors: about half the neurons predicted, so perplexity moves
+    assert 0.2 < summary["predicted_active_mean"] < 0.8
+    assert summary["perplexity_sparse"] != pytest.approx(summary["perplexity_dense"], rel=1e-6)
+    result = json.loads((tmp_path / "results" / "sparse_tiny.json").read_text())
+    assert result["metrics"]["perplexity_change"] == pytest.approx(summary["perplexity_change"])
+
+
+def test_llama_cpp_without_the_bench_extra_is_a_clear_error(tmp_path, monkeypatch):
+    from sparse_lm.bench import llama_cpp
+
+    monkeypatch.setattr(llama_cpp, "available", lambda: False)
+    cfg = DecodeBenchConfig(model=TINY_SPEC, new_tokens=4, repeats=1, bandwidth_bytes=1 << 22, llama_cpp=True)
+    with pytest.raises(ValueError, match=r"llama_cpp=true needs llama-cpp-python: pip install -e '.\[bench\]'"):
+        run(cfg, tmp_path / "run")
+
+
+@pytest.mark.real_model
+def test_f32_gguf_keeps_metadata_and_dequantised_values(tmp_path):
+    import gguf
+    import numpy as np
+
+    from sparse_lm.bench.llama_cpp import write_f32_gguf
+    from sparse_lm.models.gguf_loader import smollm2_gguf_path
+
+    source = gguf.GGUFReader(str(smollm2_gguf_path()))
+    written = gguf.GGUFReader(str(write_f32_gguf(smollm2_gguf_path(), tmp_path / "f32.gguf")))
+    assert len(written.tensors) == len(source.tensors) == 272
+    assert {t.tensor_type for t in written.tensors} == {gguf.GGMLQuantizationType.F32}
+    assert written.fields["general.file_type"].contents() == 0
+    for key in ("llama.block_count", "llama.rope.freq_base", "tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        assert written.fields[key].contents() == source.fields[key].contents()
+    by_name = {t.name: t for t in written.tensors}
+    for tensor in source.tensors[:3] + source.tensors[-2:]:
+        expected = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        np.testing.assert_array_equal(np.asarray(by_name[tensor.name].data).reshape(expected.shape), expected)
