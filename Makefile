@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_ENV := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_ARENA_MAX=1
 
-.PHONY: setup demo eval test lint bench results sweep relufy clean
+.PHONY: setup demo eval test lint bench bench-ffn bench-sparse results sweep relufy clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,16 @@ lint: setup
 
 bench: setup
 	$(BENCH_ENV) $(PY) experiments/bench_decode.py record_as=decode_benchmark
+
+# Issue 6: the FFN alone, dense against sparse, for SmolLM2's layer and a 7B-shaped one (~3 minutes)
+bench-ffn: setup
+	$(BENCH_ENV) $(PY) experiments/bench_ffn.py shape=llama7b record_as=bench_ffn_llama7b
+	$(BENCH_ENV) $(PY) experiments/bench_ffn.py shape=smollm2 record_as=bench_ffn_smollm2
+
+# End to end: the ReLU-fied SmolLM2 (make relufy) with its predictors, dense vs sparse vs llama.cpp F32
+bench-sparse: setup
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(BENCH_ENV) $(PY) experiments/bench_decode.py experiment=bench_sparse_smollm2_drelu
 
 # Issue 4's training runs (each resumes when rerun): the from-scratch FFN study (5 x 12.6M models, ~50 min)
 # and the dReLU ReLU-fication of SmolLM2-135M (~40 min). Both write results/*.json.
