@@ -1,14 +1,15 @@
-"""Figures of kernel benchmarks: the sparse FFN against the dense one, by active fraction (bench_ffn_* results)."""
+"""Figures of benchmarks: the sparse FFN against the dense one by active fraction (bench_ffn_* results), and the
+sparse decode engine against dense decode and llama.cpp (bench_sparse_* results)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from figure_registry import columns, register, save, table
-from figures_train import finite, floats
+from figures_train import count, finite, floats
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
@@ -27,7 +28,7 @@ ANNOTATED = "ffi"  # the implementation whose speedups are written beside its po
 FLOOR_LABEL = "bandwidth floor (dense bytes / sparse bytes)"
 READ_BANDWIDTH_LABEL = "read bandwidth measured in the same run"
 DENSE_LABEL = "dense FFN"
-PRECISION = "f32"  # bench_ffn times f32 weights only
+PRECISION = "f32"  # bench_ffn and bench_decode time f32 weights only
 HEADROOM = 1.3  # bandwidth panel: y range over its highest line, the top for the legend
 PLAIN_NUMBERS = FuncFormatter(lambda x, _: f"{x:g}")
 
@@ -145,3 +146,172 @@ def bench_ffn_figure(result: dict[str, Any]) -> Figure:
 def draw_bench_ffn(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """Speedup over dense and achieved bandwidth of the sparse FFN implementations by active fraction."""
     return save(bench_ffn_figure(result), out_dir, result["name"])
+
+
+# ------------------------------------------------------------------------------------------------ bench_sparse
+
+class DecodeBar(NamedTuple):
+    metric: str
+    tokens_per_s: float
+    runs: np.ndarray  # the individual runs; empty when the result lists none
+    label: str
+    color: str
+
+
+DENSE_COLOR, SPARSE_COLOR = "0.6", "tab:blue"  # the same in both panels
+# (metric, its runs, tick label, colour) per decode bar; llama.cpp's is drawn only when the run measured it
+DECODE_BARS = (
+    ("tokens_per_s_dense", "tokens_per_s_dense_runs", "dense\n(sparse_lm)", DENSE_COLOR),
+    ("tokens_per_s_sparse", "tokens_per_s_sparse_runs", "sparse engine\n(sparse_lm)", SPARSE_COLOR),
+)
+LLAMA_CPP_BAR = ("llama_cpp_tokens_per_s", "llama_cpp_tokens_per_s_runs", "llama.cpp F32\n(this run)", "tab:orange")
+# llama.cpp's median over repeats interleaved with the dense/sparse ones (no runs listed): the bar without the above
+LLAMA_CPP_INTERLEAVED = "tokens_per_s_llama_cpp_interleaved"
+FLOORS = {"tokens_per_s_dense": "dense_floor_tokens_per_s", "tokens_per_s_sparse": "sparse_floor_tokens_per_s"}
+PAPER_LABEL = "llama.cpp F32 recorded in ANCHORS.md"
+RUNS_LABEL = "individual runs (bar: median)"
+PERPLEXITY_BUDGET = 0.02  # the perplexity increase the sparse engine may cost
+BAR_WIDTH = 0.6
+RUN_SPREAD = 0.3  # the runs' dots sit side by side across this share of the bar's width
+BAR_HEADROOM = 1.2  # y range over the highest mark, the top for the labels over it
+
+
+def run_values(result: dict[str, Any], key: str) -> np.ndarray:
+    """The individual runs of a metric, written as the string "33.19, 31.37, 31.62"; empty if absent.
+
+    Raises:
+      ValueError: naming the result and the metric, if a run is not a number.
+    """
+    text = result["metrics"].get(key)
+    if text is None:
+        return np.array([])
+    try:
+        return np.array([float(run) for run in str(text).split(",")])
+    except ValueError:
+        raise ValueError(f"result {result['name']!r}: {key}={text!r} is not a comma-separated list of numbers") \
+            from None
+
+
+def _required(result: dict[str, Any], keys: Sequence[str]) -> dict[str, float]:
+    """The metrics `keys` as floats; a ValueError naming the result and the keys if any is missing or not finite."""
+    metrics = result["metrics"]
+    bad = [key for key in keys if not finite(metrics.get(key))]
+    if bad:
+        raise ValueError(f"result {result['name']!r}: metrics {bad} are missing or not finite numbers")
+    return {key: float(metrics[key]) for key in keys}
+
+
+def decode_bars(result: dict[str, Any]) -> list[DecodeBar]:
+    """Dense, the sparse engine and, when the run measured it, llama.cpp, left to right."""
+    values = _required(result, [metric for metric, *_ in DECODE_BARS])
+    bars = [DecodeBar(metric, values[metric], run_values(result, runs_key), label, color)
+            for metric, runs_key, label, color in DECODE_BARS]
+    llama_cpp, llama_cpp_runs, label, color = LLAMA_CPP_BAR
+    for metric in (llama_cpp, LLAMA_CPP_INTERLEAVED):
+        value = result["metrics"].get(metric)
+        if finite(value):
+            runs = run_values(result, llama_cpp_runs) if metric == llama_cpp else np.array([])
+            return [*bars, DecodeBar(metric, float(value), runs, label, color)]
+    return bars
+
+
+def _bar_mark(ax: Axes, x: float, y: float, **style: Any) -> None:
+    """A short horizontal line across the bar at `x`, at height `y`."""
+    ax.plot([x - BAR_WIDTH / 2, x + BAR_WIDTH / 2], [y, y], **style)
+
+
+def _decode_panel(ax: Axes, result: dict[str, Any]) -> None:
+    """(a) decode tokens/s of dense, the sparse engine and llama.cpp: each bar's runs as dots, the bandwidth floors
+    as marks over the dense and sparse bars, the sparse engine's speedup over dense written between them."""
+    metrics, bars = result["metrics"], decode_bars(result)
+    positions = np.arange(len(bars), dtype=float)
+    drawn = ax.bar(positions, [bar.tokens_per_s for bar in bars], width=BAR_WIDTH,
+                   color=[bar.color for bar in bars], edgecolor="0.3")
+    ax.bar_label(drawn, labels=[f"{bar.tokens_per_s:.3g}" for bar in bars], label_type="center", fontsize=10)
+    ax.set_xticks(positions, [bar.label for bar in bars])
+    marks = [bar.tokens_per_s for bar in bars]
+    runs_label = RUNS_LABEL  # one legend entry for the dots of all bars
+    for x, bar in zip(positions, bars, strict=True):
+        if len(bar.runs):
+            offsets = np.linspace(-0.5, 0.5, len(bar.runs)) if len(bar.runs) > 1 else np.zeros(1)
+            ax.plot(x + RUN_SPREAD * BAR_WIDTH * offsets, bar.runs, ls="none", marker="o", ms=4, color="black",
+                    label=runs_label)
+            runs_label, marks = "_nolegend_", [*marks, *bar.runs]
+        floor = metrics.get(FLOORS.get(bar.metric, ""))
+        if finite(floor):
+            _bar_mark(ax, x, floor, color="0.15", ls="--", lw=1.5)
+            ax.annotate(f"bandwidth floor {floor:.3g}", (x, floor), textcoords="offset points", xytext=(0, 3),
+                        ha="center", va="bottom", fontsize=8)
+            marks.append(floor)
+    paper = metrics.get("llama_cpp_f32_paper_tokens_per_s")
+    if len(bars) > len(DECODE_BARS) and finite(paper):
+        _bar_mark(ax, positions[-1], paper, color="saddlebrown", ls=":", lw=2, label=f"{PAPER_LABEL} ({paper:.3g})")
+        marks.append(paper)
+
+    # the speedup over an arrow from the dense bar to the sparse one, above both and their runs
+    dense, sparse = bars[0], bars[1]
+    arrow_y = 1.08 * max(dense.tokens_per_s, sparse.tokens_per_s, *dense.runs, *sparse.runs)
+    ax.annotate("", xy=(positions[1], arrow_y), xytext=(positions[0], arrow_y),
+                arrowprops={"arrowstyle": "->", "color": sparse.color, "lw": 1.2})
+    ax.annotate(f"sparse / dense: {sparse.tokens_per_s / dense.tokens_per_s:.3g}x", (positions[:2].mean(), arrow_y),
+                textcoords="offset points", xytext=(0, 3), ha="center", va="bottom", fontsize=9, color=sparse.color)
+
+    ax.set_xlim(-0.6, len(bars) - 0.4)
+    ax.set_ylim(0, BAR_HEADROOM * max(*marks, arrow_y))
+    ax.set_ylabel("decode throughput (tokens/s, higher is better)")
+    ax.set_title("(a) decode speed", fontsize=10)
+    ax.spines[["top", "right"]].set_visible(False)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", fontsize=8)
+
+
+def _perplexity_panel(ax: Axes, result: dict[str, Any]) -> None:
+    """(b) validation perplexity dense against sparse, the sparse engine's change written over its bar, and the
+    budget (dense + PERPLEXITY_BUDGET) as a dashed line."""
+    values = _required(result, ["perplexity_dense", "perplexity_sparse"])
+    dense, sparse = values["perplexity_dense"], values["perplexity_sparse"]
+    drawn = ax.bar([0, 1], [dense, sparse], width=BAR_WIDTH, color=[DENSE_COLOR, SPARSE_COLOR], edgecolor="0.3")
+    ax.bar_label(drawn, labels=[f"{dense:.2f}", f"{sparse:.2f}"], label_type="center", fontsize=10)
+    ax.set_xticks([0, 1], ["dense", "sparse engine"])
+    ax.annotate(f"{sparse / dense - 1:+.1%} vs dense", (1, sparse), textcoords="offset points", xytext=(0, 3),
+                ha="center", va="bottom", fontsize=9, color=SPARSE_COLOR)
+    budget = (1 + PERPLEXITY_BUDGET) * dense
+    ax.axhline(budget, color="tab:red", ls="--", lw=1.2)
+    # written over the dense bar, where no bar rises to the line
+    ax.annotate(f"{PERPLEXITY_BUDGET:.0%} budget", (0, budget), textcoords="offset points", xytext=(0, 2),
+                ha="center", va="bottom", fontsize=8, color="tab:red")
+    ax.set_xlim(-0.6, 1.6)
+    ax.set_ylim(0, BAR_HEADROOM * max(dense, sparse, budget))
+    tokens = result["metrics"].get("perplexity_tokens")
+    ax.set_ylabel("validation perplexity (lower is better)")
+    ax.set_title(f"(b) perplexity{f' on {count(tokens)} validation tokens' if finite(tokens) else ''}", fontsize=10)
+    ax.spines[["top", "right"]].set_visible(False)
+
+
+def bench_sparse_figure(result: dict[str, Any]) -> Figure:
+    """Two bar panels of one decode run: (a) tokens/s of dense, the sparse engine and llama.cpp (when measured)
+    with their runs, bandwidth floors and the sparse speedup, (b) dense and sparse perplexity against the budget.
+
+    Raises:
+      ValueError: naming the result, if the dense or sparse tokens/s or perplexity is missing, or a list of
+        runs is not numbers.
+    """
+    metrics = result["metrics"]
+    fig = Figure(figsize=(11, 5.5), layout="constrained")
+    decode_ax, perplexity_ax = fig.subplots(1, 2, width_ratios=(3, 2))
+    _decode_panel(decode_ax, result)
+    _perplexity_panel(perplexity_ax, result)
+    title = f"Sparse decode engine against dense: {metrics.get('model', result['name'])}, batch 1, {PRECISION}"
+    active = metrics.get("predicted_active_mean")
+    if finite(active):
+        title += f"\npredicted active share of FFN neurons: {active:.1%} (mean over layers and tokens)"
+    fig.suptitle(title)
+    if result.get("machine"):
+        fig.supxlabel(describe_machine(result["machine"]), fontsize=7, color="0.4")
+    return fig
+
+
+@register("bench_sparse")
+def draw_bench_sparse(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Decode tokens/s and perplexity of the sparse engine against dense decode (and llama.cpp)."""
+    return save(bench_sparse_figure(result), out_dir, result["name"])

@@ -4,8 +4,8 @@ Usage: `python analysis/make_figures.py [--results-dir results] [--out-dir docs/
 
 Each result whose name has a registered drawing function gets `<out-dir>/<name>.png` and `.pdf`;
 `python -m sparse_lm.results render` then links the PNGs from docs/RESULTS.md. Drawing functions register
-in `figure_registry.py`: here (benchmarks, profiles), in `figures_bench.py` (kernel benchmarks), in
-`figures_train.py` (training runs), in `figures_predictors.py` (activation predictors) and in
+in `figure_registry.py`: here (benchmarks, profiles), in `figures_bench.py` (kernel and sparse decode
+benchmarks), in `figures_train.py` (training runs), in `figures_predictors.py` (activation predictors) and in
 `figures_predictor_study.py` (predictor scaling, sweeps).
 """
 
@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import figures_bench  # noqa: F401  (registers the sparse-FFN benchmark figure)
+import figures_bench  # noqa: F401  (registers the sparse-FFN and sparse-decode benchmark figures)
 import figures_predictor_study  # noqa: F401  (registers the predictor scaling and sweep figures)
 import figures_predictors  # noqa: F401  (registers the activation-predictor figure)
 import figures_train  # noqa: F401  (registers the training figures)
