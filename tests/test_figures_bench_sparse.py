@@ -116,7 +116,7 @@ def test_decode_floors_speedup_and_paper(tmp_path, bench):
     assert text_at(decode_ax, "sparse / dense: 1.5x") == pytest.approx((0.5, arrow_y))
 
     assert [text.get_text() for text in decode_ax.get_legend().get_texts()] == [
-        "individual runs (bar: median)", "llama.cpp F32 in the paper (22)"]
+        "individual runs (bar: median)", "llama.cpp F32 recorded in ANCHORS.md (22)"]
     np.testing.assert_allclose(decode_ax.get_ylim(), (0, bench.BAR_HEADROOM * SPARSE_FLOOR))
     assert decode_ax.get_title() == "(a) decode speed"
 
