@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from sparse_lm.models.config import Activation
@@ -23,7 +24,8 @@ LIBRARY_STEM = "_sparse_ffn_cpu"
 # the C++ enum Activation in sparse_ffn_cpu.cc
 ACTIVATION_CODES = {Activation.swiglu: 0, Activation.reglu: 1, Activation.drelu: 2, Activation.relu: 3,
                     Activation.relu2: 4}
-TARGETS = {"SparseGateUp": "sparse_lm_sparse_gate_up", "SparseDown": "sparse_lm_sparse_down"}
+TARGETS = {"SparseGateUp": "sparse_lm_sparse_gate_up", "SparseDown": "sparse_lm_sparse_down",
+           "PredictGateUp": "sparse_lm_predict_gate_up"}
 
 
 def library_path() -> Path | None:
@@ -107,3 +109,20 @@ def sparse_down_cpu(
                             jax.ShapeDtypeStruct((hidden.shape[0], w_down.shape[1]), jnp.float32))
     return call(hidden, indices.astype(jnp.int32), jnp.reshape(count, (1,)).astype(jnp.int32), w_down,
                 threads=threads or default_threads())
+
+
+def predict_gate_up_cpu(
+    x: Float[Array, "1 D"], w1: Float[Array, "D R"], b1: Float[Array, " R"], w2: Float[Array, "R F"],
+    b2: Float[Array, " F"], hidden_relu: bool, threshold: float, capacity: int, w_gate: Float[Array, "F D"] | None,
+    w_up: Float[Array, "F D"], activation: Activation, threads: int | None = None,
+) -> tuple[Float[Array, "1 K"], Int[Array, " K"], Int[Array, " 1"]]:
+    """One token with its predictor fused: the activations, ascending indices and count of the neurons whose
+    predictor logits exceed `threshold` (the first `capacity` of them), as sparse_lm.sparse.active_set picks."""
+    register()
+    _check_f32(x=x, w1=w1, w2=w2, w_gate=w_gate, w_up=w_up)
+    gate = jnp.zeros((0, w_up.shape[1]), jnp.float32) if w_gate is None else w_gate
+    call = jax.ffi.ffi_call(TARGETS["PredictGateUp"], (
+        jax.ShapeDtypeStruct((1, capacity), jnp.float32), jax.ShapeDtypeStruct((capacity,), jnp.int32),
+        jax.ShapeDtypeStruct((1,), jnp.int32)))
+    return call(x, w1, b1, w2, b2, gate, w_up, activation=ACTIVATION_CODES[activation], hidden_relu=int(hidden_relu),
+                threshold=np.float32(threshold), threads=threads or default_threads())

@@ -174,25 +174,11 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t threads, int64_t total, std::fun
   while (parts->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
 }
 
-// hidden[b, k] = act(W_gate[idx[k]] . x[b], W_up[idx[k]] . x[b]); an empty w_gate means an ungated FFN.
-ffi::Error SparseGateUpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> indices,
-                            ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::F32> w_gate, ffi::Buffer<ffi::F32> w_up,
-                            int64_t activation, int64_t threads, ffi::ResultBuffer<ffi::F32> hidden) {
-  const auto up_dims = w_up.dimensions();
-  const auto x_dims = x.dimensions();
-  if (up_dims.size() != 2 || x_dims.size() != 2 || x_dims[1] != up_dims[1])
-    return ffi::Error::InvalidArgument("x must be [B, D] and w_up [F, D]");
-  const bool gated = w_gate.element_count() > 0;
-  if (gated && w_gate.element_count() != w_up.element_count())
-    return ffi::Error::InvalidArgument("w_gate and w_up differ in shape");
-  const int64_t tokens = x_dims[0], d_model = up_dims[1], capacity = indices.element_count();
-  int64_t n = 0;
-  if (ffi::Error error = ActiveCount(indices, count, up_dims[0], &n); error.failure()) return error;
-  const float* xs = x.typed_data();
-  const int32_t* idx = indices.typed_data();
-  const float* gate_rows = gated ? w_gate.typed_data() : nullptr;
-  const float* up_rows = w_up.typed_data();
-  float* out = hidden->typed_data();
+// hidden[b, k] for the first n entries of idx (0 for the padding up to capacity), split over the pool
+void GateUpRows(ffi::ThreadPool& pool, int64_t threads, const float* xs, int64_t tokens, int64_t d_model,
+                const int32_t* idx, int64_t n, int64_t capacity, const float* gate_rows, const float* up_rows,
+                int64_t activation, float* out) {
+  const bool gated = gate_rows != nullptr;
   for (int64_t k = n; k < capacity; ++k)  // padding
     for (int64_t b = 0; b < tokens; ++b) out[b * capacity + k] = 0.f;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, n));
@@ -236,6 +222,28 @@ ffi::Error SparseGateUpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
       }
     }
   });
+}
+
+// hidden[b, k] = act(W_gate[idx[k]] . x[b], W_up[idx[k]] . x[b]); an empty w_gate means an ungated FFN.
+ffi::Error SparseGateUpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> indices,
+                            ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::F32> w_gate, ffi::Buffer<ffi::F32> w_up,
+                            int64_t activation, int64_t threads, ffi::ResultBuffer<ffi::F32> hidden) {
+  const auto up_dims = w_up.dimensions();
+  const auto x_dims = x.dimensions();
+  if (up_dims.size() != 2 || x_dims.size() != 2 || x_dims[1] != up_dims[1])
+    return ffi::Error::InvalidArgument("x must be [B, D] and w_up [F, D]");
+  const bool gated = w_gate.element_count() > 0;
+  if (gated && w_gate.element_count() != w_up.element_count())
+    return ffi::Error::InvalidArgument("w_gate and w_up differ in shape");
+  const int64_t tokens = x_dims[0], d_model = up_dims[1], capacity = indices.element_count();
+  int64_t n = 0;
+  if (ffi::Error error = ActiveCount(indices, count, up_dims[0], &n); error.failure()) return error;
+  const float* xs = x.typed_data();
+  const int32_t* idx = indices.typed_data();
+  const float* gate_rows = gated ? w_gate.typed_data() : nullptr;
+  const float* up_rows = w_up.typed_data();
+  float* out = hidden->typed_data();
+  GateUpRows(pool, threads, xs, tokens, d_model, idx, n, capacity, gate_rows, up_rows, activation, out);
   return ffi::Error::Success();
 }
 
@@ -284,6 +292,50 @@ inline void Axpy4(const float* c, const float* const* row, float* y, int64_t n) 
   }
 #endif
   for (; i < n; ++i) y[i] += c[0] * row[0][i] + c[1] * row[1][i] + c[2] * row[2][i] + c[3] * row[3][i];
+}
+
+// One token, predictor fused: logits = act(x W1 + b1) W2 + b2 (W1 [D, R], W2 [R, F]: the predictor as stored), the
+// neurons with logits above the threshold compacted into ascending indices (the first K when more are predicted,
+// as sparse_lm.sparse.active_set does), then their activations. Avoids XLA's small ops between the predictor,
+// the compaction and the kernel, which cost more than the predictor's bytes here.
+ffi::Error PredictGateUpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w1,
+                             ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> w2, ffi::Buffer<ffi::F32> b2,
+                             ffi::Buffer<ffi::F32> w_gate, ffi::Buffer<ffi::F32> w_up, int64_t activation,
+                             int64_t hidden_relu, float threshold, int64_t threads, ffi::ResultBuffer<ffi::F32> hidden,
+                             ffi::ResultBuffer<ffi::S32> indices, ffi::ResultBuffer<ffi::S32> count) {
+  const auto w1_dims = w1.dimensions(), w2_dims = w2.dimensions(), up_dims = w_up.dimensions();
+  if (w1_dims.size() != 2 || w2_dims.size() != 2 || up_dims.size() != 2 || x.element_count() != w1_dims[0] ||
+      w2_dims[0] != w1_dims[1] || w2_dims[1] != up_dims[0] || up_dims[1] != w1_dims[0] ||
+      b1.element_count() != w1_dims[1] || b2.element_count() != w2_dims[1])
+    return ffi::Error::InvalidArgument("predictor [D, R], [R, F] and FFN rows [F, D] do not fit x [1, D]");
+  const bool gated = w_gate.element_count() > 0;
+  if (gated && w_gate.element_count() != w_up.element_count())
+    return ffi::Error::InvalidArgument("w_gate and w_up differ in shape");
+  const int64_t d_model = w1_dims[0], rank = w1_dims[1], d_ff = w2_dims[1];
+  const int64_t capacity = indices->element_count();
+  const float* xs = x.typed_data();
+  std::vector<float> h(b1.typed_data(), b1.typed_data() + rank);
+  for (int64_t d = 0; d < d_model; ++d) Axpy(xs[d], w1.typed_data() + d * rank, h.data(), rank);
+  if (hidden_relu)
+    for (float& v : h) v = Relu(v);
+  std::vector<float> logits(b2.typed_data(), b2.typed_data() + d_ff);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, d_ff / 64));
+  ParallelFor(pool, parts, parts, [&](int64_t part) {  // column slices of W2, whole cache lines each
+    const int64_t lines = d_ff / 16;
+    const int64_t begin = part * lines / parts * 16;
+    const int64_t end = part + 1 == parts ? d_ff : (part + 1) * lines / parts * 16;
+    for (int64_t r = 0; r < rank; ++r)
+      Axpy(h[r], w2.typed_data() + r * d_ff + begin, logits.data() + begin, end - begin);
+  });
+  int32_t* idx = indices->typed_data();
+  int64_t n = 0;
+  for (int64_t f = 0; f < d_ff && n < capacity; ++f)
+    if (logits[f] > threshold) idx[n++] = static_cast<int32_t>(f);
+  for (int64_t k = n; k < capacity; ++k) idx[k] = 0;
+  count->typed_data()[0] = static_cast<int32_t>(n);
+  GateUpRows(pool, threads, xs, 1, d_model, idx, n, capacity, gated ? w_gate.typed_data() : nullptr,
+             w_up.typed_data(), activation, hidden->typed_data());
+  return ffi::Error::Success();
 }
 
 // y[b] = sum over k < count of hidden[b, k] * W_down[idx[k]]. Threads take disjoint runs of active rows (whole
@@ -363,6 +415,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseGateUp, SparseGateUpImpl,
                                   .Attr<int64_t>("activation")
                                   .Attr<int64_t>("threads")
                                   .Ret<ffi::Buffer<ffi::F32>>());  // hidden [B, K]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PredictGateUp, PredictGateUpImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [1, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // predictor W1 [D, R]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b1 [R]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // W2 [R, F]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b2 [F]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_gate [F, D], or [0, D] when ungated
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_up [F, D]
+                                  .Attr<int64_t>("activation")
+                                  .Attr<int64_t>("hidden_relu")
+                                  .Attr<float>("threshold")
+                                  .Attr<int64_t>("threads")
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // hidden [1, K]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // indices [K]
+                                  .Ret<ffi::Buffer<ffi::S32>>());  // count [1]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseDown, SparseDownImpl,
                               ffi::Ffi::Bind()

@@ -19,10 +19,12 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from kernels_pallas import Implementation, sparse_ffn
+from kernels_pallas import Implementation, sparse_down, sparse_ffn
+from kernels_pallas.common import resolve
+from kernels_pallas.cpu import predict_gate_up_cpu
 from sparse_lm.models.capture import capture_forward, set_capture
 from sparse_lm.models.ffn import CapturePoint, activation_pair, apply_threshold
-from sparse_lm.predictors.module import PredictorSet
+from sparse_lm.predictors.module import HiddenActivation, PredictorSet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +79,14 @@ class SparseExecutor(nnx.Module):
         self.up_rows = nnx.Param(jnp.asarray(ffn.w_up[...]).T.copy())
 
     def __call__(self, ffn, x: Float[Array, "B L D"]) -> Float[Array, "B L D"]:
+        gate_rows = None if self.gate_rows is None else self.gate_rows[...]
+        if x.shape[:-1] == (1, 1) and resolve(self.implementation)[0] is Implementation.ffi:
+            # one token on CPU: predictor, compaction and gate/up in one C++ call, then the down rows
+            p = self.predictor
+            hidden, indices, count = predict_gate_up_cpu(
+                x[0], p.w1[...], p.b1[...], p.w2[...], p.b2[...], p.hidden_activation is HiddenActivation.relu,
+                self.threshold, self.capacity, gate_rows, self.up_rows[...], ffn.activation)
+            return sparse_down(hidden, indices, count[0], ffn.w_down[...], implementation=Implementation.ffi)[None]
         logits = self.predictor(x)
         if x.shape[:-1] == (1, 1):  # one token: compute only the active rows
             indices, count = active_set(logits[0, 0], self.threshold, self.capacity)

@@ -176,3 +176,27 @@ def test_pallas_kernels_lower_for_cuda(activation):
     text = exported.mlir_module()
     assert text.count(TRITON_CALL) == 2  # gate/up and down kernels
     assert exported.out_avals[0].shape == (1, 576)
+
+
+@pytest.mark.parametrize("activation, capacity", [("drelu", 64), ("relu", 64), ("swiglu", 12)])
+def test_cpu_predictor_fused_gate_up_equals_its_parts(activation, capacity):
+    from kernels_pallas.cpu import predict_gate_up_cpu
+    from sparse_lm.models.config import Activation
+    from sparse_lm.sparse import active_set
+
+    x, _, w_gate, w_up, _ = ffn_case(9, 1, 64, 96, capacity, 0)
+    w_gate = w_gate if activation in GATED else None
+    rng = np.random.default_rng(10)
+    w1, b1 = jnp.asarray(rng.standard_normal((64, 16)) / 8, jnp.float32), jnp.asarray(rng.standard_normal(16) / 4,
+                                                                                     jnp.float32)
+    w2, b2 = jnp.asarray(rng.standard_normal((16, 96)) / 4, jnp.float32), jnp.asarray(rng.standard_normal(96) / 4,
+                                                                                     jnp.float32)
+    logits = jax.nn.relu(x @ w1 + b1) @ w2 + b2
+    indices, count = active_set(logits[0], 0.1, capacity)
+    assert 12 < int(jnp.sum(logits > 0.1)) < 64  # capacity 12 truncates, 64 does not
+    hidden, got_indices, got_count = predict_gate_up_cpu(x, w1, b1, w2, b2, True, 0.1, capacity, w_gate, w_up,
+                                                         Activation(activation))
+    assert int(got_count[0]) == int(count)
+    np.testing.assert_array_equal(got_indices, indices)
+    expected = sparse_gate_up(x, indices, count, w_gate, w_up, activation, implementation="xla")
+    np.testing.assert_allclose(hidden, expected, **tolerance(jnp.float32))
