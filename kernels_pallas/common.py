@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
+from kernels_pallas import cpu
+
 
 class Implementation(str, enum.Enum):
     auto = "auto"  # ffi on CPU when built (else xla), pallas on GPU
@@ -30,8 +32,6 @@ class Implementation(str, enum.Enum):
 def resolve(implementation: Implementation | str, interpret: bool | None = None) -> tuple[Implementation, bool]:
     """The implementation to run on the default backend and whether Pallas runs interpreted (None: exactly when
     the backend is the CPU; False on a CPU host only to lower for a GPU, see `export_for_gpu`)."""
-    from kernels_pallas import cpu  # the C++ twin's loader (imports this module)
-
     implementation = Implementation(implementation)
     on_cpu = jax.default_backend() == "cpu"
     if implementation is Implementation.auto:
@@ -96,6 +96,14 @@ def power_of_two_divisor(n: int, cap: int) -> int:
 
 def next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def pallas_active_rows(indices: Int[Array, " K"], max_block: int) -> tuple[jax.Array, int]:
+    """Indices padded to a whole number of power-of-two blocks (the Triton tile rule), and the block size."""
+    capacity = indices.shape[0]
+    block = min(max_block, next_power_of_two(capacity))
+    padded = -(-capacity // block) * block
+    return jnp.pad(indices.astype(jnp.int32), (0, padded - capacity)), block
 
 
 TRITON_CALL = "__gpu$xla.gpu.triton"

@@ -5,7 +5,14 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from kernels_pallas.common import Implementation, check_active, next_power_of_two, power_of_two_divisor, resolve
+from kernels_pallas.common import (
+    Implementation,
+    check_active,
+    next_power_of_two,
+    pallas_active_rows,
+    power_of_two_divisor,
+    resolve,
+)
 from kernels_pallas.cpu import sparse_down_cpu
 from kernels_pallas.sparse_down.kernel import sparse_down_kernel
 from kernels_pallas.sparse_down.reference import sparse_down_reference
@@ -45,10 +52,8 @@ def sparse_down(
         out = sparse_down_cpu(hidden, indices, count, w_down)
     else:
         (n_tokens, capacity), d_model = hidden.shape, w_down.shape[1]
-        block = min(MAX_BLOCK, next_power_of_two(capacity))
-        padded = -(-capacity // block) * block
-        rows = jnp.pad(indices.astype(jnp.int32), (0, padded - capacity))
-        weights = jnp.pad(hidden, ((0, next_power_of_two(n_tokens) - n_tokens), (0, padded - capacity)))
+        rows, block = pallas_active_rows(indices, MAX_BLOCK)
+        weights = jnp.pad(hidden, ((0, next_power_of_two(n_tokens) - n_tokens), (0, rows.shape[0] - capacity)))
         out = sparse_down_kernel(weights, rows, count.reshape(1), w_down, block=block,
                                  tile=power_of_two_divisor(d_model, MAX_TILE), interpret=interpret)[:n_tokens]
     return out[0] if single else out

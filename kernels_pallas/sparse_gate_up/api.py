@@ -5,7 +5,14 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from kernels_pallas.common import Implementation, check_active, next_power_of_two, power_of_two_divisor, resolve
+from kernels_pallas.common import (
+    Implementation,
+    check_active,
+    next_power_of_two,
+    pallas_active_rows,
+    power_of_two_divisor,
+    resolve,
+)
 from kernels_pallas.cpu import sparse_gate_up_cpu
 from kernels_pallas.sparse_gate_up.kernel import sparse_gate_up_kernel
 from kernels_pallas.sparse_gate_up.reference import sparse_gate_up_reference
@@ -61,9 +68,7 @@ def sparse_gate_up(
         hidden = sparse_gate_up_cpu(x, indices, count, w_gate, w_up, activation)
     else:
         capacity, n_tokens = indices.shape[0], x.shape[0]
-        block = min(MAX_BLOCK, next_power_of_two(capacity))
-        padded = -(-capacity // block) * block
-        rows = jnp.pad(indices.astype(jnp.int32), (0, padded - capacity))
+        rows, block = pallas_active_rows(indices, MAX_BLOCK)
         tokens = jnp.pad(x, ((0, next_power_of_two(n_tokens) - n_tokens), (0, 0)))
         hidden = sparse_gate_up_kernel(
             tokens, rows, count.reshape(1), w_gate, w_up, activation, block=block,

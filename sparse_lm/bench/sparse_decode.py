@@ -34,10 +34,7 @@ def compare(model, tokenizer, prompt: list[int], *, predictors_dir: str, sparse:
     if not folder.is_dir():
         raise FileNotFoundError(f"predictors={predictors_dir}: no such folder (a train_predictor run's predictors/)")
     predictors = load_predictors(folder, config)
-    def split(name: Split) -> DataConfig:  # a text file is one document: its only split is "all"
-        return data if data.corpus.value == "textfile" else data.replace(split=name)
-
-    train = split_tokens(split(Split.train), tokenizer, progress=progress)
+    train = split_tokens(data.with_split(Split.train), tokenizer, progress=progress)
     rows = pack_sequences(train[:calibration_tokens], 256).tokens
     counts = predicted_counts(model, predictors, rows)
     capacities = choose_capacities(counts, config.d_ff, sparse.capacity_quantile, sparse.capacity_multiple)
@@ -52,7 +49,7 @@ def compare(model, tokenizer, prompt: list[int], *, predictors_dir: str, sparse:
         sparse_runs.append(engine.generate(prompt, new_tokens))
         if peer is not None:
             peer_runs.append(peer.run()[0])
-    validation = split_tokens(split(Split.validation), tokenizer, progress=progress)[:perplexity_tokens]
+    validation = split_tokens(data.with_split(Split.validation), tokenizer, progress=progress)[:perplexity_tokens]
     perplexity_dense = perplexity(model, validation, context=context, progress=progress).perplexity
     install(model, predictors, capacities, sparse.implementation)
     try:

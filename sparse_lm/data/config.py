@@ -82,6 +82,10 @@ class DataConfig:
     def replace(self, **changes) -> DataConfig:
         return dataclasses.replace(self, **changes)
 
+    def with_split(self, split: Split) -> DataConfig:
+        """This config reading `split`; a text file is one document, so it keeps its own split (`all`)."""
+        return self if self.corpus is Corpus.textfile else self.replace(split=Split(split))
+
 
 def resolve_cache_dir(cache_dir: str) -> Path:
     """The folder for caches: `cache_dir` if set, else $SPARSE_LM_CACHE, else ~/.cache/sparse_lm."""

@@ -131,7 +131,7 @@ def build_dataset(cfg: PredictorRunConfig, model, tokenizer, thresholds: np.ndar
     ds = cfg.dataset
     folders = {}
     for split, tokens, with_abs in (("train", ds.train_tokens, False), ("validation", ds.validation_tokens, True)):
-        data = cfg.data.replace(split=Split(split)) if cfg.data.corpus.value != "textfile" else cfg.data
+        data = cfg.data.with_split(Split(split))
         profile = ProfileConfig(tokens=tokens, seq_len=ds.seq_len, batch_size=ds.batch_size, progress=cfg.progress)
         sequences = corpus_sequences(data, tokenizer, profile)
         fingerprint = _fingerprint(cfg, data, tokens, thresholds)
@@ -260,7 +260,7 @@ def run(cfg: PredictorRunConfig, run_dir: str | Path) -> dict[str, Any]:
                         step=layer)
         save_predictors(run_dir / "predictors", main.predictors, config)
 
-        val_data = cfg.data.replace(split=Split.validation) if cfg.data.corpus.value != "textfile" else cfg.data
+        val_data = cfg.data.with_split(Split.validation)
         tokens = split_tokens(val_data, tokenizer, progress=cfg.progress)[: cfg.perplexity_tokens]
 
         def gated_perplexity(predictors: PredictorSet | None) -> float:
