@@ -13,7 +13,8 @@ setup(
         Extension(
             # a plain shared library loaded with ctypes and registered with jax.ffi, not a Python module
             "kernels_pallas.cpu._sparse_ffn_cpu",
-            sources=["kernels_pallas/cpu/sparse_ffn_cpu.cc"],
+            sources=["kernels_pallas/cpu/sparse_ffn_cpu.cc", "kernels_pallas/cpu/quant_predict_cpu.cc"],
+            depends=["kernels_pallas/cpu/cpu_common.h"],
             language="c++",
             # -isystem: the FFI headers' own warnings are not ours; x86-64-v3 = AVX2 + FMA
             extra_compile_args=["-std=c++17", "-O3", "-march=x86-64-v3", "-isystem", FFI_HEADERS],

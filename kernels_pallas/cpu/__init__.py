@@ -1,5 +1,5 @@
-"""The C++ twin of the sparse FFN kernels on CPU (sparse_ffn_cpu.cc through jax.ffi), built by the package's
-install (setup.py) and registered with XLA on first use.
+"""The C++ twin of the sparse FFN kernels on CPU (sparse_ffn_cpu.cc and quant_predict_cpu.cc through jax.ffi),
+built by the package's install (setup.py) and registered with XLA on first use.
 
 Legend: B tokens, D d_model, F d_ff, K capacity of the active set.
 """
@@ -25,7 +25,8 @@ LIBRARY_STEM = "_sparse_ffn_cpu"
 ACTIVATION_CODES = {Activation.swiglu: 0, Activation.reglu: 1, Activation.drelu: 2, Activation.relu: 3,
                     Activation.relu2: 4}
 TARGETS = {"SparseGateUp": "sparse_lm_sparse_gate_up", "SparseDown": "sparse_lm_sparse_down",
-           "PredictGateUp": "sparse_lm_predict_gate_up"}
+           "PredictGateUp": "sparse_lm_predict_gate_up", "QuantScores": "sparse_lm_quant_scores",
+           "QuantSparseFfn": "sparse_lm_quant_sparse_ffn"}
 
 
 def library_path() -> Path | None:
@@ -126,3 +127,40 @@ def predict_gate_up_cpu(
         jax.ShapeDtypeStruct((1,), jnp.int32)))
     return call(x, w1, b1, w2, b2, gate, w_up, activation=ACTIVATION_CODES[activation], hidden_relu=int(hidden_relu),
                 threshold=np.float32(threshold), threads=threads or default_threads())
+
+
+def _int4_operands(rows, d_model: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A projection's int4 rows as FFI operands; empty ones for a projection the predictor does not use."""
+    if rows is None:
+        return (jnp.zeros((0, d_model // 2), jnp.uint8), jnp.zeros((0, d_model // 32), jnp.float32),
+                jnp.zeros((0,), jnp.float32))
+    return rows.packed, rows.scales, rows.inv_norms
+
+
+def int4_scores_cpu(x: Float[Array, "B D"], gate, up, activation: Activation, threads: int | None = None
+                    ) -> Float[Array, "B F"]:
+    """kernels_pallas.quant_predict's scores (gate, up: Int4Rows or None) for B tokens."""
+    register()
+    _check_f32(x=x)
+    d_model = x.shape[-1]
+    d_ff = (gate if gate is not None else up).packed.shape[0]
+    call = jax.ffi.ffi_call(TARGETS["QuantScores"], jax.ShapeDtypeStruct((x.shape[0], d_ff), jnp.float32))
+    return call(x, *_int4_operands(gate, d_model), *_int4_operands(up, d_model),
+                activation=ACTIVATION_CODES[activation], threads=threads or default_threads())
+
+
+def quant_sparse_ffn_cpu(
+    x: Float[Array, "1 D"], gate_q, up_q, threshold: float, capacity: int, w_gate: Float[Array, "F D"] | None,
+    w_up: Float[Array, "F D"], w_down: Float[Array, "F D"], activation: Activation, threads: int | None = None,
+) -> tuple[Float[Array, "1 D"], Int[Array, " 1"]]:
+    """One token: int4 scores, the first `capacity` neurons above `threshold`, and their FFN output computed exactly
+    (gate row, then the up row only where the gate passed, the down row only where the activation is not zero)."""
+    register()
+    _check_f32(x=x, w_gate=w_gate, w_up=w_up, w_down=w_down)
+    d_model = x.shape[-1]
+    gate = jnp.zeros((0, d_model), jnp.float32) if w_gate is None else w_gate
+    call = jax.ffi.ffi_call(TARGETS["QuantSparseFfn"], (
+        jax.ShapeDtypeStruct((1, d_model), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32)))
+    return call(x, *_int4_operands(gate_q, d_model), *_int4_operands(up_q, d_model), gate, w_up, w_down,
+                activation=ACTIVATION_CODES[activation], threshold=np.float32(threshold), capacity=int(capacity),
+                threads=threads or default_threads())

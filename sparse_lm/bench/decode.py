@@ -8,6 +8,7 @@ after the decode runs, in the same process, and the best of the two is the floor
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 import statistics
 import time
@@ -34,6 +35,14 @@ from sparse_lm.utils.io import atomic_write_json
 LLAMA_CPP_F32_ANCHOR_TOKENS_PER_S = 43.0
 
 
+class PredictorKind(str, enum.Enum):
+    trained = "trained"  # low-rank predictors of a train_predictor run (the `predictors` folder)
+    int4 = "int4"  # training-free: the FFN's own gate/up rows in 4 bits, thresholds calibrated to `int4_recall`
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeBenchConfig:
     model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
@@ -43,6 +52,9 @@ class DecodeBenchConfig:
     bandwidth_bytes: int = 1 << 30
     # With a predictor folder (a train_predictor run's predictors/): the sparse engine against dense, side by side
     predictors: str = ""
+    # predictor_kind=int4: the sparse engine with int4 predictors built from the model itself (no folder)
+    predictor_kind: PredictorKind = PredictorKind.trained
+    int4_recall: float = 0.99
     sparse: SparseEngineConfig = dataclasses.field(default_factory=SparseEngineConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     calibration_tokens: int = 8192
@@ -62,6 +74,17 @@ class DecodeBenchConfig:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
         if self.bandwidth_bytes < 1 << 20:
             raise ValueError(f"bandwidth_bytes must be >= 1 MiB, got {self.bandwidth_bytes}")
+        object.__setattr__(self, "predictor_kind", PredictorKind(self.predictor_kind))
+        if self.predictor_kind is PredictorKind.int4 and self.predictors:
+            raise ValueError(f"predictors={self.predictors} is a folder of trained predictors; predictor_kind=int4 "
+                             "builds its predictors from the model: leave predictors empty")
+        if not 0 < self.int4_recall <= 1:
+            raise ValueError(f"int4_recall must be in (0, 1], got {self.int4_recall}")
+
+    @property
+    def sparse_run(self) -> bool:
+        """Whether the sparse engine is measured against dense."""
+        return bool(self.predictors) or self.predictor_kind is PredictorKind.int4
 
 
 def weight_bytes(model: nnx.Module) -> int:
@@ -151,9 +174,10 @@ def run(cfg: DecodeBenchConfig, run_dir: str | Path) -> dict[str, Any]:
         summary["llama_cpp_tokens_per_s_runs"] = ", ".join(f"{v:.2f}" for v in peer_runs)
         summary["llama_cpp_first_tokens"] = peer.detokenize(generated[:8])
         summary["llama_cpp_threads"] = peer.threads
-    if cfg.predictors:
+    if cfg.sparse_run:
         summary.update(compare(
-            model, tokenizer, prompt, predictors_dir=cfg.predictors, sparse=cfg.sparse, data=cfg.data,
+            model, tokenizer, prompt, predictors_dir=cfg.predictors, int4_recall=cfg.int4_recall if
+            cfg.predictor_kind is PredictorKind.int4 else None, sparse=cfg.sparse, data=cfg.data,
             new_tokens=cfg.new_tokens, repeats=cfg.repeats, calibration_tokens=cfg.calibration_tokens,
             perplexity_tokens=cfg.perplexity_tokens, context=cfg.perplexity_context, dense_weight_bytes=n_bytes,
             bandwidth=bandwidth, progress=cfg.progress, peer=peer,
@@ -161,7 +185,7 @@ def run(cfg: DecodeBenchConfig, run_dir: str | Path) -> dict[str, Any]:
     if peer is not None:
         peer.close()
     atomic_write_json(run_dir / "summary.json", summary)
-    if cfg.record_as and cfg.predictors:
+    if cfg.record_as and cfg.sparse_run:
         write_sparse_result(cfg, summary)
     elif cfg.record_as:
         write_result(
@@ -188,13 +212,17 @@ def write_sparse_result(cfg: DecodeBenchConfig, summary: dict[str, Any]) -> Path
             "perplexity_sparse", "perplexity_change", "predicted_active_mean", "capacity_mean_fraction",
             "dense_floor_tokens_per_s", "sparse_floor_tokens_per_s", "read_bandwidth_gb_per_s", "implementation",
             "tokens_per_s_dense_runs", "tokens_per_s_sparse_runs", "greedy_tokens_equal_dense", "new_tokens",
-            "perplexity_tokens", "llama_cpp_f32_paper_tokens_per_s")
-    peer_keys = ("llama_cpp_tokens_per_s", "llama_cpp_tokens_per_s_runs", "llama_cpp_first_tokens",
-                 "llama_cpp_threads", "tokens_per_s_llama_cpp_interleaved", "sparse_over_llama_cpp")
-    metrics = {k: summary[k] for k in keys} | {k: summary[k] for k in peer_keys if k in summary}
+            "perplexity_tokens", "llama_cpp_f32_paper_tokens_per_s", "predictor_kind", "predictor_bytes",
+            "sparse_bytes_per_token")
+    optional_keys = ("llama_cpp_tokens_per_s", "llama_cpp_tokens_per_s_runs", "llama_cpp_first_tokens",
+                     "llama_cpp_threads", "tokens_per_s_llama_cpp_interleaved", "sparse_over_llama_cpp",
+                     "int4_target_recall", "recall_validation_mean", "true_active_mean", "gate_passed_mean",
+                     "fired_predicted_mean")
+    metrics = {k: summary[k] for k in keys} | {k: summary[k] for k in optional_keys if k in summary}
     return write_result(
         cfg.record_as, metrics, command=current_command(),
-        title=f"Sparse decode engine against dense: {summary['model']} (f32, batch 1, CPU)",
+        title=f"Sparse decode engine ({summary['predictor_kind']} predictors) against dense: {summary['model']} "
+              "(f32, batch 1, CPU)",
         notes=(
             "Dense and sparse greedy decode through the same jitted KV-cache step, repeats interleaved in one run "
             "(median). Sparse: each layer's predictor selects the neurons (logits above its recall-calibrated "
@@ -205,7 +233,11 @@ def write_sparse_result(cfg: DecodeBenchConfig, summary: dict[str, Any]) -> Path
             "run's generated tokens match the dense model's. `llama_cpp_*`: llama.cpp (llama-cpp-python, same thread "
             "count) decoding the original SmolLM2 written as an F32 GGUF, measured in this run (it has no dReLU, and "
             "the original has the same shapes, hence the same bytes per token); `llama_cpp_f32_paper_tokens_per_s` "
-            "is the number in shared/ANCHORS.md."
+            "is the number in shared/ANCHORS.md. predictor_kind int4: the predictors are the model's own gate/up "
+            "rows in 4 bits (kernels_pallas.quant_predict, training-free, thresholds calibrated to "
+            "`int4_target_recall` on training tokens); one C++ call per layer and token scores the neurons, reads "
+            "the float32 gate row of each predicted one, the up row only where the gate passed and the down row "
+            "only where the activation is not zero; the floor counts those rows on validation tokens."
         ),
         results_dir=cfg.results_dir,
     )

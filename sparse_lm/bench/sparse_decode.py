@@ -18,24 +18,32 @@ from sparse_lm.data import DataConfig, Split, pack_sequences, split_tokens
 from sparse_lm.eval.generate import Generator, prompt_bucket
 from sparse_lm.eval.perplexity import perplexity
 from sparse_lm.predictors import load_predictors
+from sparse_lm.predictors.quantized import Int4PredictorSet, calibrate, row_reads
 from sparse_lm.sparse import SparseEngineConfig, choose_capacities, install, predicted_counts, remove
 
-
-def predictor_bytes(predictors) -> int:
-    return 4 * sum(predictors.param_counts())
+ROW_READ_TOKENS = 2048  # validation tokens over which the int4 engine's row reads (its floor) are counted
 
 
-def compare(model, tokenizer, prompt: list[int], *, predictors_dir: str, sparse: SparseEngineConfig, data: DataConfig,
-            new_tokens: int, repeats: int, calibration_tokens: int, perplexity_tokens: int, context: int,
-            dense_weight_bytes: int, bandwidth: float, progress: bool, peer=None) -> dict[str, Any]:
-    """Dense and sparse tokens/s (median of interleaved repeats) and perplexities; model is left dense."""
+def compare(model, tokenizer, prompt: list[int], *, predictors_dir: str, int4_recall: float | None,
+            sparse: SparseEngineConfig, data: DataConfig, new_tokens: int, repeats: int, calibration_tokens: int,
+            perplexity_tokens: int, context: int, dense_weight_bytes: int, bandwidth: float, progress: bool,
+            peer=None) -> dict[str, Any]:
+    """Dense and sparse tokens/s (median of interleaved repeats) and perplexities; model is left dense.
+
+    The predictors are the trained ones in `predictors_dir`, or with `int4_recall` int4 predictors built from the
+    model and calibrated to that recall on the calibration tokens."""
     config = model.config
-    folder = Path(predictors_dir)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"predictors={predictors_dir}: no such folder (a train_predictor run's predictors/)")
-    predictors = load_predictors(folder, config)
     train = split_tokens(data.with_split(Split.train), tokenizer, progress=progress)
     rows = pack_sequences(train[:calibration_tokens], 256).tokens
+    if int4_recall is None:
+        folder = Path(predictors_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"predictors={predictors_dir}: no such folder (a train_predictor run's "
+                                    "predictors/)")
+        predictors = load_predictors(folder, config)
+    else:
+        predictors = Int4PredictorSet(model)
+        calibrate(model, predictors, rows, int4_recall, progress=progress)
     counts = predicted_counts(model, predictors, rows)
     capacities = choose_capacities(counts, config.d_ff, sparse.capacity_quantile, sparse.capacity_multiple)
     capacity = prompt_bucket(len(prompt)) + new_tokens
@@ -57,9 +65,26 @@ def compare(model, tokenizer, prompt: list[int], *, predictors_dir: str, sparse:
     finally:
         remove(model)
     mean_predicted = counts.mean(axis=1)
-    ffn_row_bytes = (3 if config.activation.gated else 2) * config.d_model * 4
-    sparse_bytes = (dense_weight_bytes - config.n_layers * config.d_ff * ffn_row_bytes
-                    + int(mean_predicted.sum()) * ffn_row_bytes + predictor_bytes(predictors))
+    row_bytes = config.d_model * 4
+    ffn_row_bytes = (3 if config.activation.gated else 2) * row_bytes
+    int4_summary = {}
+    if int4_recall is None:  # the C++ call reads the gate, up and down rows of every predicted neuron
+        sparse_ffn_bytes = int(mean_predicted.sum()) * ffn_row_bytes
+    else:  # the gate row of every predicted neuron, the up row behind a passing gate, the down row where a != 0
+        reads = row_reads(model, predictors, pack_sequences(validation[:ROW_READ_TOKENS], 256).tokens, capacities)
+        gated = config.activation.gated
+        sparse_ffn_bytes = int(row_bytes * ((reads["predicted"].sum() if gated else 0) + reads["gate_passed"].sum()
+                                            + reads["fired_predicted"].sum()))
+        int4_summary = {
+            "int4_target_recall": int4_recall,
+            "recall_validation_mean": float(reads["recall"].mean()),
+            "true_active_mean": float(reads["fired"].mean() / config.d_ff),
+            "gate_passed_mean": float(reads["gate_passed"].mean() / config.d_ff),
+            "fired_predicted_mean": float(reads["fired_predicted"].mean() / config.d_ff),
+            "recall_validation_per_layer": [float(r) for r in reads["recall"]],
+        }
+    sparse_bytes = (dense_weight_bytes - config.n_layers * config.d_ff * ffn_row_bytes + sparse_ffn_bytes
+                    + predictors.nbytes())
     dense_tps = statistics.median(r.decode_tokens_per_s for r in dense_runs)
     sparse_tps = statistics.median(r.decode_tokens_per_s for r in sparse_runs)
     same = sum(a == b for a, b in zip(dense_runs[0].tokens, sparse_runs[0].tokens, strict=True))
@@ -67,7 +92,9 @@ def compare(model, tokenizer, prompt: list[int], *, predictors_dir: str, sparse:
     if peer_runs:
         peer_summary = {"tokens_per_s_llama_cpp_interleaved": statistics.median(peer_runs),
                         "sparse_over_llama_cpp": sparse_tps / statistics.median(peer_runs)}
-    return peer_summary | {
+    return peer_summary | int4_summary | {
+        "predictor_kind": "trained" if int4_recall is None else "int4",
+        "predictor_bytes": predictors.nbytes(),
         "tokens_per_s_dense": dense_tps,
         "tokens_per_s_sparse": sparse_tps,
         "sparse_speedup": sparse_tps / dense_tps,

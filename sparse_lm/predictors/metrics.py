@@ -25,7 +25,8 @@ def calibrate_threshold(
     # keep the top ceil(target * n) positive logits: t just below the smallest kept one
     keep = int(np.ceil(target_recall * positives.size))
     smallest_kept = positives[positives.size - keep]
-    return float(np.nextafter(smallest_kept, -np.inf))
+    # the next float32 below: thresholds are stored in float32, where a float64 step would round back up
+    return float(np.nextafter(np.float32(smallest_kept), np.float32(-np.inf)))
 
 
 def budget_threshold(logits: Float[np.ndarray, "T F"], fired: Bool[np.ndarray, "T F"], ratio: float) -> float:

@@ -97,6 +97,10 @@ class PredictorSet(nnx.Module):
     def param_counts(self) -> list[int]:
         return [predictor_params(self.d_model, r, self.d_ff) for r in self.ranks]
 
+    def nbytes(self) -> int:
+        """Bytes read per token (float32 weights)."""
+        return 4 * sum(self.param_counts())
+
     def overhead(self, config: ModelConfig) -> list[float]:
         """Per layer: predictor FLOPs (and f32 bytes: the same ratio) as a share of the dense FFN it gates.
 

@@ -22,9 +22,11 @@ from jaxtyping import Array, Bool, Float, Int
 from kernels_pallas import Implementation, sparse_down, sparse_ffn
 from kernels_pallas.common import resolve
 from kernels_pallas.cpu import predict_gate_up_cpu
+from kernels_pallas.quant_predict import capped_mask, quant_sparse_ffn
 from sparse_lm.models.capture import capture_forward, set_capture
 from sparse_lm.models.ffn import CapturePoint, activation_pair, apply_threshold
 from sparse_lm.predictors.module import HiddenActivation, PredictorSet
+from sparse_lm.predictors.quantized import Int4Predictor, Int4PredictorSet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +64,7 @@ def active_set(
 
 def active_mask(logits: Float[Array, "... F"], threshold: float, capacity: int) -> Bool[Array, "... F"]:
     """The same neurons as `active_set`, as a mask over F (any leading shape)."""
-    predicted = logits > threshold
-    return predicted & (jnp.cumsum(predicted, axis=-1) <= capacity)
+    return capped_mask(logits > threshold, capacity)
 
 
 class SparseExecutor(nnx.Module):
@@ -80,7 +81,14 @@ class SparseExecutor(nnx.Module):
 
     def __call__(self, ffn, x: Float[Array, "B L D"]) -> Float[Array, "B L D"]:
         gate_rows = None if self.gate_rows is None else self.gate_rows[...]
-        if x.shape[:-1] == (1, 1) and resolve(self.implementation)[0] is Implementation.ffi:
+        one_token_ffi = x.shape[:-1] == (1, 1) and resolve(self.implementation)[0] is Implementation.ffi
+        if one_token_ffi and isinstance(self.predictor, Int4Predictor):
+            # one token on CPU: int4 scores, compaction and the exact rows (gate, up behind it, down) in one call
+            y, _ = quant_sparse_ffn(x[0], self.predictor.gate, self.predictor.up, self.threshold, self.capacity,
+                                    gate_rows, self.up_rows[...], ffn.w_down[...], ffn.activation,
+                                    implementation=Implementation.ffi)
+            return y[None]
+        if one_token_ffi:
             # one token on CPU: predictor, compaction and gate/up in one C++ call, then the down rows
             p = self.predictor
             hidden, indices, count = predict_gate_up_cpu(
@@ -101,22 +109,24 @@ class SparseExecutor(nnx.Module):
         return hidden @ ffn.w_down[...]
 
 
-def predicted_counts(model, predictors: PredictorSet, tokens: Int[np.ndarray, "N S"], batch_size: int = 4
-                     ) -> np.ndarray:
+def predicted_counts(model, predictors: PredictorSet | Int4PredictorSet, tokens: Int[np.ndarray, "N S"],
+                     batch_size: int = 4) -> np.ndarray:
     """Per layer, the predicted-active count of every token of `tokens` ([L, N*S])."""
     set_capture(model, [CapturePoint.ffn_input])
     graphdef, params = nnx.split(model)
     set_capture(model, [])
-    thresholds = np.asarray(predictors.thresholds[...])
+    predictor_def, predictor_state = nnx.split(predictors)
 
     @jax.jit
-    def counts(params, batch):
+    def counts(params, predictor_state, batch):
         _, captured = capture_forward(nnx.merge(graphdef, params), batch)
+        predictors = nnx.merge(predictor_def, predictor_state)
+        thresholds = predictors.thresholds[...]
         return jnp.stack([jnp.sum(layer(x) > thresholds[i], axis=-1).reshape(-1)
                           for i, (layer, x) in enumerate(zip(predictors.layers, captured[CapturePoint.ffn_input],
                                                              strict=True))])
 
-    out = [np.asarray(counts(params, jnp.asarray(tokens[i : i + batch_size])))
+    out = [np.asarray(counts(params, predictor_state, jnp.asarray(tokens[i : i + batch_size])))
            for i in range(0, len(tokens) - batch_size + 1, batch_size)]
     if not out:
         raise ValueError(f"{len(tokens)} sequences make no batch of {batch_size}")
@@ -130,7 +140,8 @@ def choose_capacities(counts: np.ndarray, d_ff: int, quantile: float, multiple: 
             for c in counts]
 
 
-def install(model, predictors: PredictorSet, capacities: list[int], implementation: Implementation | str) -> None:
+def install(model, predictors: PredictorSet | Int4PredictorSet, capacities: list[int],
+            implementation: Implementation | str) -> None:
     """Routes every FFN of `model` through its layer's SparseExecutor (`remove` undoes it)."""
     predictors.check_fits(model.config)
     if len(capacities) != model.config.n_layers:

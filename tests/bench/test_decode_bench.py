@@ -84,6 +84,37 @@ def test_sparse_engine_comparison_on_a_tiny_model(tmp_path, text_file):
     assert result["metrics"]["perplexity_change"] == pytest.approx(summary["perplexity_change"])
 
 
+def test_int4_sparse_engine_comparison_on_a_tiny_model(tmp_path, text_file):
+    from sparse_lm.data import DataConfig
+
+    spec = ModelSpec(preset="tiny", source="random", activation="drelu")
+    cfg = DecodeBenchConfig(
+        model=spec, new_tokens=6, repeats=2, bandwidth_bytes=1 << 22, predictor_kind="int4", int4_recall=0.99,
+        data=DataConfig(corpus="textfile", path=str(text_file), split="all", cache_dir=str(tmp_path / "cache")),
+        calibration_tokens=2048, perplexity_tokens=600, perplexity_context=64, progress=False,
+        record_as="int4_tiny", results_dir=str(tmp_path / "results"),
+    )
+    summary = run(cfg, tmp_path / "run")
+    assert summary["predictor_kind"] == "int4" and summary["int4_target_recall"] == 0.99
+    assert summary["recall_validation_mean"] > 0.97  # calibrated on other tokens
+    # rows read: fewer than the predicted neurons' three rows; the int4 rows are 9/64 of a float32 row
+    assert summary["fired_predicted_mean"] <= summary["gate_passed_mean"] <= summary["predicted_active_mean"] + 1e-9
+    config = build_model(spec)[0].config
+    assert summary["predictor_bytes"] == config.n_layers * config.d_ff * 2 * (config.d_model // 2 + 4 * config.d_model
+                                                                              // 32 + 4)
+    assert summary["sparse_floor_tokens_per_s"] > summary["dense_floor_tokens_per_s"]
+    assert abs(summary["perplexity_change"]) < 0.05
+    result = json.loads((tmp_path / "results" / "int4_tiny.json").read_text())
+    assert result["metrics"]["predictor_kind"] == "int4"
+
+
+def test_int4_with_a_predictor_folder_is_refused():
+    with pytest.raises(ValueError, match="predictors=runs/x is a folder of trained predictors; predictor_kind=int4"):
+        DecodeBenchConfig(predictor_kind="int4", predictors="runs/x")
+    with pytest.raises(ValueError, match="int4_recall must be in"):
+        DecodeBenchConfig(predictor_kind="int4", int4_recall=0.0)
+
+
 def test_llama_cpp_without_the_bench_extra_is_a_clear_error(tmp_path, monkeypatch):
     from sparse_lm.bench import llama_cpp
 

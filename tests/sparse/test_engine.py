@@ -106,3 +106,41 @@ def test_decode_compiles_once():
     assert generator._decode._cache_size() == 1  # the active count changes every token; shapes never do
     generator.generate([4, 5, 6, 7, 8], max_new_tokens=6)
     assert generator._decode._cache_size() == 1
+
+
+def _model_and_int4_predictors(activation="drelu"):
+    from sparse_lm.predictors.quantized import Int4PredictorSet
+
+    model = Transformer(TINY.replace(activation=activation), rngs=nnx.Rngs(0))
+    predictors = Int4PredictorSet(model)
+    predictors.thresholds[...] = jnp.array([0.0, -0.02])
+    return model, predictors
+
+
+@pytest.mark.parametrize("activation", ["drelu", "reglu"])
+@pytest.mark.parametrize("implementation", ["ffi", "xla"])
+def test_int4_engine_equals_the_int4_gated_dense_model(activation, implementation):
+    model, predictors = _model_and_int4_predictors(activation)
+    tokens = jax.random.randint(jax.random.key(4), (1, 6), 0, TINY.vocab_size)
+    attach(model, predictors)
+    gated_full = model(tokens)[0]
+    attach(model, None)
+    dense = model(tokens)[0]
+    install(model, predictors, [TINY.d_ff] * 2, implementation)
+    engine_decode = _decode_logits(model, tokens)
+    engine_full = model(tokens)[0]
+    remove(model)
+    np.testing.assert_allclose(engine_decode, gated_full, rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(engine_full, gated_full, rtol=2e-4, atol=2e-4)
+    # on random weights about a quarter of dReLU's neurons fire: the prediction misses some, so logits move a little
+    assert 1e-4 < float(jnp.abs(engine_full - dense).max()) < 0.5
+
+
+def test_int4_decode_compiles_once():
+    model, predictors = _model_and_int4_predictors()
+    install(model, predictors, [48, 48], "ffi")
+    generator = Generator(model, capacity=64)
+    generator.generate([1, 2, 3], max_new_tokens=10)
+    generator.generate([4, 5, 6, 7, 8], max_new_tokens=6)
+    assert generator._decode._cache_size() == 1
+    remove(model)
