@@ -18,6 +18,7 @@ namespace {
 using namespace sparse_lm_cpu;
 
 constexpr int64_t kGroup = 32;
+constexpr int64_t kPartsPerThread = 4;
 
 // x in int8 groups of 32: q = round(x / s) with s = absmax / 127 (0 for an all-zero group), as the reference
 struct QuantizedX {
@@ -25,11 +26,18 @@ struct QuantizedX {
   std::vector<float> scale;
   std::vector<int32_t> sum;  // sum of q per group: the +8 offset of the stored nibbles is taken out with it
   float norm = 0.f;          // |x| of the dequantised x
+  // Per pair of groups, x in the order of a 32-byte load of their packed rows once split into nibbles: the low
+  // nibbles are elements 0-15 of both groups, the high ones elements 16-31.
+  std::vector<int8_t> pair_low, pair_high;  // [pairs * 32] each
+  std::vector<int32_t> pair_offset;         // [pairs * 8]: -8 * sum of each group in its first lane of four
 };
 
 QuantizedX QuantizeX(const float* x, int64_t d_model) {
-  const int64_t groups = d_model / kGroup;
-  QuantizedX out{std::vector<int8_t>(d_model), std::vector<float>(groups), std::vector<int32_t>(groups), 0.f};
+  const int64_t groups = d_model / kGroup, pairs = groups / 2;
+  QuantizedX out;
+  out.q.resize(d_model);
+  out.scale.resize(groups);
+  out.sum.resize(groups);
   double norm2 = 0.0;
   for (int64_t g = 0; g < groups; ++g) {
     float amax = 0.f;
@@ -48,44 +56,166 @@ QuantizedX QuantizeX(const float* x, int64_t d_model) {
     out.sum[g] = sum;
   }
   out.norm = static_cast<float>(std::sqrt(norm2));
+  out.pair_low.resize(pairs * 32);
+  out.pair_high.resize(pairs * 32);
+  out.pair_offset.assign(pairs * 8, 0);
+  for (int64_t p = 0; p < pairs; ++p) {
+    for (int64_t h = 0; h < 2; ++h) {  // group 2p, then 2p + 1
+      const int8_t* q = out.q.data() + (2 * p + h) * kGroup;
+      std::copy(q, q + 16, out.pair_low.data() + p * 32 + h * 16);
+      std::copy(q + 16, q + 32, out.pair_high.data() + p * 32 + h * 16);
+      out.pair_offset[p * 8 + h * 4] = -8 * out.sum[2 * p + h];
+    }
+  }
   return out;
 }
 
-// sum over groups of s_w s_x sum_i (w_i - 8) q_i for one packed row (or two rows against the same x, for two streams)
-inline void Int4Dots(const uint8_t* const* rows, const float* const* row_scales, int count, const QuantizedX& x,
-                     int64_t groups, float* out) {
 #if defined(__AVX2__) && defined(__FMA__)
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-  float offset[2] = {0.f, 0.f};
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + g * kGroup));
-    for (int r = 0; r < count; ++r) {
-      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + g * (kGroup / 2)));
-      const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low4), _mm_and_si128(packed, low4));
-      // unsigned nibble (0..15) times signed int8: pair sums stay within int16
-      const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xq), ones);
-      const float scale = row_scales[r][g] * x.scale[g];
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale), acc[r]);
-      offset[r] += scale * static_cast<float>(x.sum[g]);
+// Integer dot of one packed group pair with x, as int32 lanes: lanes 0-3 sum to group 2p, lanes 4-7 to group 2p + 1
+inline __m256i PairDot(const uint8_t* packed, const QuantizedX& x, int64_t p) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed));
+  const __m256i low = _mm256_and_si256(bytes, low4), high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+  // unsigned nibble (0..15) times signed int8: each int16 pair sum is within 2 * 15 * 127, two of them still fit
+  const __m256i sum16 = _mm256_add_epi16(
+      _mm256_maddubs_epi16(low, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.pair_low.data() + p * 32))),
+      _mm256_maddubs_epi16(high, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.pair_high.data() + p * 32))));
+  const __m256i dot = _mm256_madd_epi16(sum16, _mm256_set1_epi16(1));
+  return _mm256_add_epi32(dot, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.pair_offset.data() + p * 8)));
+}
+#endif
+
+// sum over groups of s_w s_x sum_i (w_i - 8) q_i for kRows packed rows against the same x (a template, so the
+// accumulators stay in registers)
+template <int kRows>
+inline void Int4Dots(const uint8_t* const* rows, const float* const* row_scales, const QuantizedX& x, int64_t groups,
+                     float* out) {
+  int64_t g = 0;
+  float total[kRows] = {};
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc[kRows];
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
+  // lane -> group within an 8-group block: pair k of the block takes groups 2k (lanes 0-3) and 2k + 1 (lanes 4-7)
+  const __m256i expand0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), expand1 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+                expand2 = _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), expand3 = _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7);
+  for (; g + 8 <= groups; g += 8) {
+    const __m256 x_scales = _mm256_loadu_ps(x.scale.data() + g);
+    const int64_t p = g / 2;
+    for (int r = 0; r < kRows; ++r) {
+      const __m256 scales = _mm256_mul_ps(_mm256_loadu_ps(row_scales[r] + g), x_scales);
+      const uint8_t* packed = rows[r] + g * (kGroup / 2);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(PairDot(packed, x, p)), _mm256_permutevar8x32_ps(scales, expand0),
+                               acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(PairDot(packed + 32, x, p + 1)),
+                               _mm256_permutevar8x32_ps(scales, expand1), acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(PairDot(packed + 64, x, p + 2)),
+                               _mm256_permutevar8x32_ps(scales, expand2), acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(PairDot(packed + 96, x, p + 3)),
+                               _mm256_permutevar8x32_ps(scales, expand3), acc[r]);
     }
   }
-  for (int r = 0; r < count; ++r) out[r] = Sum8(acc[r]) - 8.f * offset[r];
-#else
-  for (int r = 0; r < count; ++r) {
-    float total = 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
+  for (; g + 2 <= groups; g += 2) {  // whole pairs past the last block of 8
+    for (int r = 0; r < kRows; ++r) {
+      const __m256 scales = _mm256_set_m128(_mm_set1_ps(row_scales[r][g + 1] * x.scale[g + 1]),
+                                            _mm_set1_ps(row_scales[r][g] * x.scale[g]));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(PairDot(rows[r] + g * (kGroup / 2), x, g / 2)), scales, acc[r]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) total[r] = Sum8(acc[r]);
+#endif
+  for (; g < groups; ++g) {  // a last odd group (or all of them without AVX2)
+    for (int r = 0; r < kRows; ++r) {
       int32_t isum = 0;
       for (int64_t i = 0; i < kGroup / 2; ++i) {
         const uint8_t b = rows[r][g * (kGroup / 2) + i];
         isum += (b & 0x0F) * x.q[g * kGroup + i] + (b >> 4) * x.q[g * kGroup + i + kGroup / 2];
       }
-      total += row_scales[r][g] * x.scale[g] * static_cast<float>(isum - 8 * x.sum[g]);
+      total[r] += row_scales[r][g] * x.scale[g] * static_cast<float>(isum - 8 * x.sum[g]);
     }
-    out[r] = total;
   }
+  for (int r = 0; r < kRows; ++r) out[r] = total[r];
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// GCC's own AVX-512 headers start some vectors undefined on purpose, which its warnings then report
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#define SPARSE_LM_VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+// Int4Dots with AVX-512 VNNI: four groups per instruction pair (dpbusd multiplies unsigned nibbles by signed int8
+// and sums four products into each int32 lane), the same arithmetic and result as the AVX2 path.
+template <int kRows>
+SPARSE_LM_VNNI void Int4DotsVnni(const uint8_t* const* rows, const float* const* row_scales, const QuantizedX& x,
+                                 int64_t groups, float* out) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  // lane -> group within an 8-group block: quad 0 takes groups 0-3, quad 1 groups 4-7, four lanes each
+  const __m512i expand0 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i expand1 = _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
+  __m512 acc[kRows];
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) {
+    const __m256 x_scales = _mm256_loadu_ps(x.scale.data() + g);
+    for (int q = 0; q < 2; ++q) {  // groups g + 4q .. g + 4q + 3: x of pairs g/2 + 2q and g/2 + 2q + 1, adjacent
+      const int64_t p = g / 2 + 2 * q;
+      const __m512i x_low = _mm512_loadu_si512(x.pair_low.data() + p * 32);
+      const __m512i x_high = _mm512_loadu_si512(x.pair_high.data() + p * 32);
+      const __m512i offset = _mm512_loadu_si512(x.pair_offset.data() + p * 8);
+      for (int r = 0; r < kRows; ++r) {
+        const __m512i bytes = _mm512_loadu_si512(rows[r] + (g + 4 * q) * (kGroup / 2));
+        __m512i dot = _mm512_dpbusd_epi32(offset, _mm512_and_si512(bytes, low4), x_low);
+        dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4), x_high);
+        const __m256 scales = _mm256_mul_ps(_mm256_loadu_ps(row_scales[r] + g), x_scales);
+        const __m512 lane_scales = _mm512_permutexvar_ps(q == 0 ? expand0 : expand1, _mm512_zextps256_ps512(scales));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), lane_scales, acc[r]);
+      }
+    }
+  }
+  float total[kRows];
+  for (int r = 0; r < kRows; ++r) total[r] = _mm512_reduce_add_ps(acc[r]);
+  for (; g < groups; ++g) {  // the groups past the last block of 8
+    for (int r = 0; r < kRows; ++r) {
+      int32_t isum = 0;
+      for (int64_t i = 0; i < kGroup / 2; ++i) {
+        const uint8_t b = rows[r][g * (kGroup / 2) + i];
+        isum += (b & 0x0F) * x.q[g * kGroup + i] + (b >> 4) * x.q[g * kGroup + i + kGroup / 2];
+      }
+      total[r] += row_scales[r][g] * x.scale[g] * static_cast<float>(isum - 8 * x.sum[g]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) out[r] = total[r];
+}
+
+const bool kHasVnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512bw");
+#pragma GCC diagnostic pop
+#else
+template <int kRows>
+void Int4DotsVnni(const uint8_t* const*, const float* const*, const QuantizedX&, int64_t, float*) {}
+const bool kHasVnni = false;
 #endif
+
+// The fastest Int4Dots this CPU runs
+template <int kRows>
+inline void Int4DotsBest(const uint8_t* const* rows, const float* const* row_scales, const QuantizedX& x,
+                         int64_t groups, float* out) {
+  if (kHasVnni) {
+    Int4DotsVnni<kRows>(rows, row_scales, x, groups, out);
+  } else {
+    Int4Dots<kRows>(rows, row_scales, x, groups, out);
+  }
+}
+
+// out[j] = rows[neurons[j]] . x for n neurons, four rows per pass, the heads of the next four prefetched
+void RowDots(const float* rows, const int32_t* neurons, int64_t n, const float* x, int64_t d_model, float* out) {
+  auto row = [&](int64_t j) { return rows + static_cast<int64_t>(neurons[j]) * d_model; };
+  int64_t j = 0;
+  for (; j + 3 < n; j += 4) {
+    if (j + 7 < n)
+      for (int64_t i = j + 4; i < j + 8; ++i) PrefetchHead(row(i), d_model);
+    DotPair2(row(j), row(j + 1), row(j + 2), row(j + 3), x, d_model, out + j);
+  }
+  for (; j < n; ++j) out[j] = Dot(row(j), x, d_model);
 }
 
 // The quantised copy of the projections that decide firing, as passed from Python (empty buffers: not used).
@@ -138,8 +268,9 @@ void Scores(ffi::ThreadPool& pool, int64_t threads, const Int4Weights& w, const 
             int64_t d_ff, float* scores) {
   const int64_t groups = d_model / kGroup, half = d_model / 2;
   const float inv_norm_x = x.norm > 0.f ? 1.f / x.norm : 0.f;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, d_ff / 64));
-  ParallelFor(pool, parts, parts, [&](int64_t part) {
+  // more parts than threads: a helper that wakes late still finds work, instead of the caller doing it all
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(kPartsPerThread * threads, d_ff / 64));
+  ParallelFor(pool, threads, parts, [&](int64_t part) {
     for (int64_t f = part * d_ff / parts; f < (part + 1) * d_ff / parts; ++f) {
       const uint8_t* rows[2];
       const float* scales[2];
@@ -152,8 +283,12 @@ void Scores(ffi::ThreadPool& pool, int64_t threads, const Int4Weights& w, const 
         rows[count] = w.up + f * half;
         scales[count++] = w.up_scale + f * groups;
       }
-      float dots[2];
-      Int4Dots(rows, scales, count, x, groups, dots);
+      float dots[2] = {0.f, 0.f};
+      if (count == 2) {
+        Int4DotsBest<2>(rows, scales, x, groups, dots);
+      } else {
+        Int4DotsBest<1>(rows, scales, x, groups, dots);
+      }
       float score = w.gate != nullptr ? dots[0] * w.gate_inv_norm[f] : dots[0] * w.up_inv_norm[f];
       if (count == 2) score = std::min(score, dots[1] * w.up_inv_norm[f]);
       scores[f] = score * inv_norm_x;
@@ -216,46 +351,36 @@ ffi::Error QuantSparseFfnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   const float* down_rows = w_down.typed_data();
   float* out = y->typed_data();
   std::fill(out, out + d_model, 0.f);
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, n));
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(kPartsPerThread * threads, n / 16));
   std::vector<float> partial(static_cast<size_t>((parts - 1) * d_model), 0.f);  // part 0 accumulates into out
-  ParallelFor(pool, parts, n == 0 ? 0 : parts, [&](int64_t part) {
+  ParallelFor(pool, threads, n == 0 ? 0 : parts, [&](int64_t part) {
     const int64_t begin = part * n / parts, end = (part + 1) * n / parts;
+    // Three streaming passes over this part's neurons, each with four rows in flight and the next rows' heads
+    // prefetched: gate rows; up rows behind a passing gate; down rows where the activation is not zero.
+    std::vector<int32_t> passed;  // neurons whose gate passed (all of them when ungated)
+    std::vector<float> gates;
+    if (gated) {
+      std::vector<float> g(end - begin);
+      RowDots(gate_rows, idx.data() + begin, end - begin, xs, d_model, g.data());
+      for (int64_t k = begin; k < end; ++k)
+        if (g[k - begin] > 0.f) {
+          passed.push_back(idx[k]);
+          gates.push_back(g[k - begin]);
+        }
+    } else {
+      passed.assign(idx.begin() + begin, idx.begin() + end);
+      gates.assign(passed.size(), 0.f);
+    }
+    std::vector<float> ups(passed.size());
+    RowDots(up_rows, passed.data(), passed.size(), xs, d_model, ups.data());
     std::vector<float> coef;
     std::vector<const float*> rows;
-    coef.reserve(end - begin);
-    rows.reserve(end - begin);
-    auto keep = [&](int32_t neuron, float a) {
+    for (size_t j = 0; j < passed.size(); ++j) {
+      const float a = Pair(activation, gates[j], ups[j]);
       if (a != 0.f) {
         coef.push_back(a);
-        rows.push_back(down_rows + static_cast<int64_t>(neuron) * d_model);
+        rows.push_back(down_rows + static_cast<int64_t>(passed[j]) * d_model);
       }
-    };
-    int64_t k = begin;
-    if (gated) {  // gate rows two at a time; an up row only behind a gate that passed
-      for (; k + 1 < end; k += 2) {
-        const int32_t n0 = idx[k], n1 = idx[k + 1];
-        if (k + 3 < end) {
-          PrefetchHead(gate_rows + static_cast<int64_t>(idx[k + 2]) * d_model, d_model);
-          PrefetchHead(gate_rows + static_cast<int64_t>(idx[k + 3]) * d_model, d_model);
-        }
-        float g0, g1, u0 = 0.f, u1 = 0.f;
-        DotPair(gate_rows + n0 * d_model, gate_rows + n1 * d_model, xs, d_model, &g0, &g1);
-        if (g0 > 0.f && g1 > 0.f) {
-          DotPair(up_rows + n0 * d_model, up_rows + n1 * d_model, xs, d_model, &u0, &u1);
-        } else if (g0 > 0.f) {
-          u0 = Dot(up_rows + n0 * d_model, xs, d_model);
-        } else if (g1 > 0.f) {
-          u1 = Dot(up_rows + n1 * d_model, xs, d_model);
-        }
-        keep(n0, g0 > 0.f ? Pair(activation, g0, u0) : 0.f);
-        keep(n1, g1 > 0.f ? Pair(activation, g1, u1) : 0.f);
-      }
-      for (; k < end; ++k) {
-        const float g = Dot(gate_rows + idx[k] * d_model, xs, d_model);
-        keep(idx[k], g > 0.f ? Pair(activation, g, Dot(up_rows + idx[k] * d_model, xs, d_model)) : 0.f);
-      }
-    } else {
-      for (; k < end; ++k) keep(idx[k], Pair(activation, 0.f, Dot(up_rows + idx[k] * d_model, xs, d_model)));
     }
     float* acc = part == 0 ? out : partial.data() + (part - 1) * d_model;
     const int64_t kept = coef.size();

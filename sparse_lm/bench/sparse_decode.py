@@ -12,8 +12,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from flax import nnx
 
+from kernels_pallas.cpu import collapse_to_huge_pages
 from sparse_lm.data import DataConfig, Split, pack_sequences, split_tokens
 from sparse_lm.eval.generate import Generator, prompt_bucket
 from sparse_lm.eval.perplexity import perplexity
@@ -49,6 +52,7 @@ def compare(model, tokenizer, prompt: list[int], *, predictors_dir: str, int4_re
     capacity = prompt_bucket(len(prompt)) + new_tokens
     dense = Generator(model, capacity=capacity)
     install(model, predictors, capacities, sparse.implementation)
+    huge = collapse_to_huge_pages(*jax.tree.leaves(nnx.state(model))) if sparse.huge_pages else 0
     engine = Generator(model, capacity=capacity)
     remove(model)
     dense_runs, sparse_runs, peer_runs = [], [], []
@@ -95,6 +99,7 @@ def compare(model, tokenizer, prompt: list[int], *, predictors_dir: str, int4_re
     return peer_summary | int4_summary | {
         "predictor_kind": "trained" if int4_recall is None else "int4",
         "predictor_bytes": predictors.nbytes(),
+        "huge_page_bytes": huge,
         "tokens_per_s_dense": dense_tps,
         "tokens_per_s_sparse": sparse_tps,
         "sparse_speedup": sparse_tps / dense_tps,

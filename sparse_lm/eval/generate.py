@@ -80,17 +80,26 @@ class Generator:
         self.config = model.config
         self.capacity = capacity
         self.sampling = sampling
-        graphdef, self.state = nnx.split(model)
+        graphdef, state = nnx.split(model)
+        # The state goes to every call as a flat list of arrays: flattening NNX variables on each call cost ~0.6 ms
+        # per token in Python (0.0025 ms per variable), on the critical path between tokens.
+        self.state, treedef = jax.tree.flatten(state)
         temperature, top_p = sampling.temperature, sampling.top_p
 
-        def prefill(state, tokens: Int[Array, "1 P"], length: Int[Array, ""], cache: KVCache, rng):
-            logits, cache = nnx.merge(graphdef, state)(tokens, cache)
+        def merged(leaves):
+            return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+        def prefill(leaves, tokens: Int[Array, "1 P"], length: Int[Array, ""], cache: KVCache, rng):
+            logits, cache = merged(leaves)(tokens, cache)
             last = jax.lax.dynamic_index_in_dim(logits, length - 1, axis=1, keepdims=False)
             return sample_token(last, rng, temperature, top_p), cache._replace(length=length)
 
-        def decode(state, token: Int[Array, " 1"], cache: KVCache, rng):
-            logits, cache = nnx.merge(graphdef, state)(token[:, None], cache)
-            return sample_token(logits[:, -1], rng, temperature, top_p), cache
+        def decode(leaves, token: Int[Array, " 1"], cache: KVCache, rng):
+            """The next token, the cache and the next step's key (split here: on the host it is one more dispatch
+            per token)."""
+            rng, step_rng = jax.random.split(rng)
+            logits, cache = merged(leaves)(token[:, None], cache)
+            return sample_token(logits[:, -1], step_rng, temperature, top_p), cache, rng
 
         self._prefill = jax.jit(prefill, donate_argnums=(3,))
         self._warm_buckets: set[int] = set()
@@ -110,7 +119,7 @@ class Generator:
         return init_cache(self.config, 1, self.capacity)
 
     def decode_step(self, token: Int[Array, " 1"], cache: KVCache, rng: jax.Array):
-        """One token in, the next token and the updated cache out (the cache argument is donated)."""
+        """One token in; the next token, the updated cache and the next key out (the cache argument is donated)."""
         return self._decode(self.state, token, cache, rng)
 
     def generate(
@@ -134,14 +143,16 @@ class Generator:
         token, cache = self._prefill(self.state, jnp.asarray(padded), jnp.asarray(len(prompt), jnp.int32), cache, rng)
         token.block_until_ready()
         prefill_seconds = time.perf_counter() - start
-        out = [int(token[0])]
+        out = [int(np.asarray(token)[0])]
         decode_seconds = 0.0
+        rng = jax.random.fold_in(rng, 1)  # the prefill used the seed's key itself
         for _ in range(max_new_tokens - 1):
             if stop_token is not None and out[-1] == stop_token:
                 break
-            rng, step_rng = jax.random.split(rng)
             start = time.perf_counter()
-            token, cache = self.decode_step(token, cache, step_rng)
-            out.append(int(token[0]))  # the host needs each token anyway (stop test, streaming)
+            token, cache, rng = self.decode_step(token, cache, rng)
+            # the host needs each token anyway (stop test, streaming); np.asarray reads it without the gather that
+            # indexing the device array would dispatch
+            out.append(int(np.asarray(token)[0]))
             decode_seconds += time.perf_counter() - start
         return GenerationResult(out, len(prompt), prefill_seconds, decode_seconds)

@@ -41,6 +41,9 @@ class SparseEngineConfig:
     implementation: Implementation = Implementation.auto
     capacity_quantile: float = 0.999
     capacity_multiple: int = 16
+    # back the model's weights (dense and sparse alike) with 2 MiB pages once installed: gathered rows otherwise
+    # cross a 4 KiB page, and a TLB miss, every 1,024 floats
+    huge_pages: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "implementation", Implementation(self.implementation))

@@ -100,7 +100,7 @@ def test_d_model_not_a_multiple_of_32_is_refused():
 
 @needs_cpu_twin
 @pytest.mark.parametrize("activation", ["drelu", "reglu", "relu", "relu2"])
-@pytest.mark.parametrize(("d_ff", "d_model", "tokens"), [(64, 32, 1), (100, 128, 3), (256, 576, 2)])
+@pytest.mark.parametrize(("d_ff", "d_model", "tokens"), [(64, 32, 1), (48, 96, 2), (100, 128, 3), (256, 576, 2)])
 def test_cpu_scores_equal_the_reference(activation, d_ff, d_model, tokens):
     w_gate, w_up, _ = _weights(d_ff, d_model, seed=d_ff)
     gate, up = _rows_for(activation, w_gate, w_up)
