@@ -33,7 +33,8 @@ def main(cfg: DictConfig) -> None:
             f"{s['tokens_per_s_dense']:.1f} in the same run ({s['sparse_speedup']:.2f}x; floors "
             f"{s['sparse_floor_tokens_per_s']:.1f} / {s['dense_floor_tokens_per_s']:.1f}); predicted "
             f"{s['predicted_active_mean']:.1%} of neurons; perplexity {s['perplexity_dense']:.2f} -> "
-            f"{s['perplexity_sparse']:.2f} ({s['perplexity_change']:+.2%})"
+            f"{s['perplexity_sparse']:.2f} ({s['perplexity_change']:+.2%}); without any FFN "
+            f"{s['tokens_per_s_ffn_free']:.1f} tok/s ({s['ffn_free_speedup']:.2f}x: the ceiling)"
         )
 
 

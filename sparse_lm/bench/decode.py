@@ -213,7 +213,7 @@ def write_sparse_result(cfg: DecodeBenchConfig, summary: dict[str, Any]) -> Path
             "dense_floor_tokens_per_s", "sparse_floor_tokens_per_s", "read_bandwidth_gb_per_s", "implementation",
             "tokens_per_s_dense_runs", "tokens_per_s_sparse_runs", "greedy_tokens_equal_dense", "new_tokens",
             "perplexity_tokens", "llama_cpp_f32_paper_tokens_per_s", "predictor_kind", "predictor_bytes",
-            "sparse_bytes_per_token")
+            "sparse_bytes_per_token", "tokens_per_s_ffn_free", "ffn_free_speedup")
     optional_keys = ("llama_cpp_tokens_per_s", "llama_cpp_tokens_per_s_runs", "llama_cpp_first_tokens",
                      "llama_cpp_threads", "tokens_per_s_llama_cpp_interleaved", "sparse_over_llama_cpp",
                      "int4_target_recall", "recall_validation_mean", "true_active_mean", "gate_passed_mean",
@@ -237,7 +237,9 @@ def write_sparse_result(cfg: DecodeBenchConfig, summary: dict[str, Any]) -> Path
             "rows in 4 bits (kernels_pallas.quant_predict, training-free, thresholds calibrated to "
             "`int4_target_recall` on training tokens); one C++ call per layer and token scores the neurons, reads "
             "the float32 gate row of each predicted one, the up row only where the gate passed and the down row "
-            "only where the activation is not zero; the floor counts those rows on validation tokens."
+            "only where the activation is not zero; the floor counts those rows on validation tokens. "
+            "`tokens_per_s_ffn_free`: the same decode step with every FFN skipped (output zero), measured "
+            "interleaved with the others: the ceiling of any sparse FFN."
         ),
         results_dir=cfg.results_dir,
     )

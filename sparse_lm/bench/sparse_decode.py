@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -25,6 +26,13 @@ from sparse_lm.predictors.quantized import Int4PredictorSet, calibrate, row_read
 from sparse_lm.sparse import SparseEngineConfig, choose_capacities, install, predicted_counts, remove
 
 ROW_READ_TOKENS = 2048  # validation tokens over which the int4 engine's row reads (its floor) are counted
+
+
+class SkipFFN(nnx.Module):
+    """An FFN executor returning zeros: the decode step without any FFN, the ceiling of every sparse FFN."""
+
+    def __call__(self, ffn, x):
+        return jnp.zeros_like(x)
 
 
 def compare(model, tokenizer, prompt: list[int], *, predictors_dir: str, int4_recall: float | None,
@@ -54,11 +62,15 @@ def compare(model, tokenizer, prompt: list[int], *, predictors_dir: str, int4_re
     install(model, predictors, capacities, sparse.implementation)
     huge = collapse_to_huge_pages(*jax.tree.leaves(nnx.state(model))) if sparse.huge_pages else 0
     engine = Generator(model, capacity=capacity)
+    for block in model.blocks:
+        block.ffn.executor = SkipFFN()
+    ffn_free = Generator(model, capacity=capacity)
     remove(model)
-    dense_runs, sparse_runs, peer_runs = [], [], []
+    dense_runs, sparse_runs, ffn_free_runs, peer_runs = [], [], [], []
     for _ in range(repeats):  # interleaved: all see the same machine state
         dense_runs.append(dense.generate(prompt, new_tokens))
         sparse_runs.append(engine.generate(prompt, new_tokens))
+        ffn_free_runs.append(ffn_free.generate(prompt, new_tokens))
         if peer is not None:
             peer_runs.append(peer.run()[0])
     validation = split_tokens(data.with_split(Split.validation), tokenizer, progress=progress)[:perplexity_tokens]
@@ -91,6 +103,7 @@ def compare(model, tokenizer, prompt: list[int], *, predictors_dir: str, int4_re
                     + predictors.nbytes())
     dense_tps = statistics.median(r.decode_tokens_per_s for r in dense_runs)
     sparse_tps = statistics.median(r.decode_tokens_per_s for r in sparse_runs)
+    ffn_free_tps = statistics.median(r.decode_tokens_per_s for r in ffn_free_runs)
     same = sum(a == b for a, b in zip(dense_runs[0].tokens, sparse_runs[0].tokens, strict=True))
     peer_summary = {}
     if peer_runs:
@@ -103,6 +116,9 @@ def compare(model, tokenizer, prompt: list[int], *, predictors_dir: str, int4_re
         "tokens_per_s_dense": dense_tps,
         "tokens_per_s_sparse": sparse_tps,
         "sparse_speedup": sparse_tps / dense_tps,
+        # the same step with every FFN skipped: no sparse FFN, however fast, can beat this
+        "tokens_per_s_ffn_free": ffn_free_tps,
+        "ffn_free_speedup": ffn_free_tps / dense_tps,
         "tokens_per_s_dense_runs": ", ".join(f"{r.decode_tokens_per_s:.2f}" for r in dense_runs),
         "tokens_per_s_sparse_runs": ", ".join(f"{r.decode_tokens_per_s:.2f}" for r in sparse_runs),
         "perplexity_dense": perplexity_dense,

@@ -104,6 +104,9 @@ def test_int4_sparse_engine_comparison_on_a_tiny_model(tmp_path, text_file):
                                                                               // 32 + 4)
     assert summary["sparse_floor_tokens_per_s"] > summary["dense_floor_tokens_per_s"]
     assert abs(summary["perplexity_change"]) < 0.05
+    free = summary["tokens_per_s_ffn_free"]
+    assert summary["ffn_free_speedup"] == pytest.approx(free / summary["tokens_per_s_dense"])
+    assert free > 0
     result = json.loads((tmp_path / "results" / "int4_tiny.json").read_text())
     assert result["metrics"]["predictor_kind"] == "int4"
 
