@@ -44,10 +44,10 @@ bench-ffn: setup
 	$(BENCH_ENV) $(PY) experiments/bench_ffn.py shape=llama7b record_as=bench_ffn_llama7b
 	$(BENCH_ENV) $(PY) experiments/bench_ffn.py shape=smollm2 record_as=bench_ffn_smollm2
 
-# End to end: the ReLU-fied SmolLM2 (make relufy) with its predictors, dense vs sparse vs llama.cpp F32
+# End to end: the ReLU-fied SmolLM2 (make relufy) with int4 predictors, dense vs sparse vs llama.cpp F32 (~12 min)
 bench-sparse: setup
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(BENCH_ENV) $(PY) experiments/bench_decode.py experiment=bench_sparse_smollm2_drelu
+	$(BENCH_ENV) $(PY) experiments/bench_decode.py experiment=bench_sparse_int4_smollm2_drelu
 
 # Issue 4's training runs (each resumes when rerun): the from-scratch FFN study (5 x 12.6M models, ~50 min)
 # and the dReLU ReLU-fication of SmolLM2-135M (~40 min). Both write results/*.json.

@@ -164,6 +164,8 @@ DECODE_BARS = (
     ("tokens_per_s_dense", "tokens_per_s_dense_runs", "dense\n(sparse_lm)", DENSE_COLOR),
     ("tokens_per_s_sparse", "tokens_per_s_sparse_runs", "sparse engine\n(sparse_lm)", SPARSE_COLOR),
 )
+# the decode step with every FFN skipped, when the run measured it: the ceiling of any sparse FFN
+CEILING_BAR = ("tokens_per_s_ffn_free", "no FFN at all\n(ceiling)", "0.85")
 LLAMA_CPP_BAR = ("llama_cpp_tokens_per_s", "llama_cpp_tokens_per_s_runs", "llama.cpp F32\n(this run)", "tab:orange")
 # llama.cpp's median over repeats interleaved with the dense/sparse ones (no runs listed): the bar without the above
 LLAMA_CPP_INTERLEAVED = "tokens_per_s_llama_cpp_interleaved"
@@ -202,10 +204,14 @@ def _required(result: dict[str, Any], keys: Sequence[str]) -> dict[str, float]:
 
 
 def decode_bars(result: dict[str, Any]) -> list[DecodeBar]:
-    """Dense, the sparse engine and, when the run measured it, llama.cpp, left to right."""
+    """Dense, the sparse engine and, when the run measured them, the step without FFNs and llama.cpp, left to
+    right."""
     values = _required(result, [metric for metric, *_ in DECODE_BARS])
     bars = [DecodeBar(metric, values[metric], run_values(result, runs_key), label, color)
             for metric, runs_key, label, color in DECODE_BARS]
+    ceiling, ceiling_label, ceiling_color = CEILING_BAR
+    if finite(result["metrics"].get(ceiling)):
+        bars.append(DecodeBar(ceiling, float(result["metrics"][ceiling]), np.array([]), ceiling_label, ceiling_color))
     llama_cpp, llama_cpp_runs, label, color = LLAMA_CPP_BAR
     for metric in (llama_cpp, LLAMA_CPP_INTERLEAVED):
         value = result["metrics"].get(metric)
@@ -244,7 +250,7 @@ def _decode_panel(ax: Axes, result: dict[str, Any]) -> None:
                         ha="center", va="bottom", fontsize=8)
             marks.append(floor)
     paper = metrics.get("llama_cpp_f32_paper_tokens_per_s")
-    if len(bars) > len(DECODE_BARS) and finite(paper):
+    if bars[-1].metric in (LLAMA_CPP_BAR[0], LLAMA_CPP_INTERLEAVED) and finite(paper):
         _bar_mark(ax, positions[-1], paper, color="saddlebrown", ls=":", lw=2, label=f"{PAPER_LABEL} ({paper:.3g})")
         marks.append(paper)
 

@@ -163,6 +163,16 @@ def test_without_llama_cpp_two_bars(tmp_path, bench):
     assert "sparse / dense: 1.5x" in texts(decode_ax)
 
 
+def test_ceiling_bar_between_sparse_and_llama_cpp(tmp_path, bench):
+    fig = bench.bench_sparse_figure(write_sparse(tmp_path, tokens_per_s_ffn_free=55.0))
+    decode_ax, _ = fig.axes
+    np.testing.assert_allclose([bar.get_height() for bar in decode_ax.patches], [DENSE, SPARSE, 55.0, LLAMA_CPP])
+    assert [label.get_text() for label in decode_ax.get_xticklabels()][2] == "no FFN at all\n(ceiling)"
+    assert len(styled_lines(decode_ax, ":")) == 1  # the paper's llama.cpp mark stays on the llama.cpp bar
+    without_llama = bench.bench_sparse_figure(write_sparse(tmp_path, drop=LLAMA_CPP_KEYS, tokens_per_s_ffn_free=55.0))
+    assert styled_lines(without_llama.axes[0], ":") == []
+
+
 def test_llama_cpp_interleaved_when_measured_only_there(tmp_path, bench):
     # only the median over the repeats interleaved with dense and sparse: a bar without dots
     fig = bench.bench_sparse_figure(write_sparse(tmp_path, drop=LLAMA_CPP_KEYS[:2]))

@@ -68,7 +68,7 @@ def collapse_to_huge_pages(*arrays: jax.Array) -> int:
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     collapsed = 0
     for array in arrays:
-        if array.devices() != {jax.devices("cpu")[0]}:
+        if not isinstance(array, jax.Array) or array.devices() != {jax.devices("cpu")[0]}:  # host numpy: skip
             continue
         start = array.unsafe_buffer_pointer()
         first = -(-start // HUGE_PAGE) * HUGE_PAGE

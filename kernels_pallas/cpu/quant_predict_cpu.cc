@@ -86,6 +86,32 @@ inline __m256i PairDot(const uint8_t* packed, const QuantizedX& x, int64_t p) {
 }
 #endif
 
+// Adds the groups [g, groups) to total[r]: whole pairs with AVX2, a last odd group (or all of them without AVX2)
+// one element at a time. Both Int4Dots paths end with it after their blocks of 8 groups.
+template <int kRows>
+inline void Int4DotsTail(const uint8_t* const* rows, const float* const* row_scales, const QuantizedX& x, int64_t g,
+                         int64_t groups, float* total) {
+#if defined(__AVX2__) && defined(__FMA__)
+  for (; g + 2 <= groups; g += 2) {
+    for (int r = 0; r < kRows; ++r) {
+      const __m256 scales = _mm256_set_m128(_mm_set1_ps(row_scales[r][g + 1] * x.scale[g + 1]),
+                                            _mm_set1_ps(row_scales[r][g] * x.scale[g]));
+      total[r] += Sum8(_mm256_mul_ps(_mm256_cvtepi32_ps(PairDot(rows[r] + g * (kGroup / 2), x, g / 2)), scales));
+    }
+  }
+#endif
+  for (; g < groups; ++g) {
+    for (int r = 0; r < kRows; ++r) {
+      int32_t isum = 0;
+      for (int64_t i = 0; i < kGroup / 2; ++i) {
+        const uint8_t b = rows[r][g * (kGroup / 2) + i];
+        isum += (b & 0x0F) * x.q[g * kGroup + i] + (b >> 4) * x.q[g * kGroup + i + kGroup / 2];
+      }
+      total[r] += row_scales[r][g] * x.scale[g] * static_cast<float>(isum - 8 * x.sum[g]);
+    }
+  }
+}
+
 // sum over groups of s_w s_x sum_i (w_i - 8) q_i for kRows packed rows against the same x (a template, so the
 // accumulators stay in registers)
 template <int kRows>
@@ -115,25 +141,9 @@ inline void Int4Dots(const uint8_t* const* rows, const float* const* row_scales,
                                _mm256_permutevar8x32_ps(scales, expand3), acc[r]);
     }
   }
-  for (; g + 2 <= groups; g += 2) {  // whole pairs past the last block of 8
-    for (int r = 0; r < kRows; ++r) {
-      const __m256 scales = _mm256_set_m128(_mm_set1_ps(row_scales[r][g + 1] * x.scale[g + 1]),
-                                            _mm_set1_ps(row_scales[r][g] * x.scale[g]));
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(PairDot(rows[r] + g * (kGroup / 2), x, g / 2)), scales, acc[r]);
-    }
-  }
   for (int r = 0; r < kRows; ++r) total[r] = Sum8(acc[r]);
 #endif
-  for (; g < groups; ++g) {  // a last odd group (or all of them without AVX2)
-    for (int r = 0; r < kRows; ++r) {
-      int32_t isum = 0;
-      for (int64_t i = 0; i < kGroup / 2; ++i) {
-        const uint8_t b = rows[r][g * (kGroup / 2) + i];
-        isum += (b & 0x0F) * x.q[g * kGroup + i] + (b >> 4) * x.q[g * kGroup + i + kGroup / 2];
-      }
-      total[r] += row_scales[r][g] * x.scale[g] * static_cast<float>(isum - 8 * x.sum[g]);
-    }
-  }
+  Int4DotsTail<kRows>(rows, row_scales, x, g, groups, total);
   for (int r = 0; r < kRows; ++r) out[r] = total[r];
 }
 
@@ -174,16 +184,7 @@ SPARSE_LM_VNNI void Int4DotsVnni(const uint8_t* const* rows, const float* const*
   }
   float total[kRows];
   for (int r = 0; r < kRows; ++r) total[r] = _mm512_reduce_add_ps(acc[r]);
-  for (; g < groups; ++g) {  // the groups past the last block of 8
-    for (int r = 0; r < kRows; ++r) {
-      int32_t isum = 0;
-      for (int64_t i = 0; i < kGroup / 2; ++i) {
-        const uint8_t b = rows[r][g * (kGroup / 2) + i];
-        isum += (b & 0x0F) * x.q[g * kGroup + i] + (b >> 4) * x.q[g * kGroup + i + kGroup / 2];
-      }
-      total[r] += row_scales[r][g] * x.scale[g] * static_cast<float>(isum - 8 * x.sum[g]);
-    }
-  }
+  Int4DotsTail<kRows>(rows, row_scales, x, g, groups, total);
   for (int r = 0; r < kRows; ++r) out[r] = total[r];
 }
 
