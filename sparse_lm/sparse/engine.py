@@ -5,6 +5,8 @@ only those rows with the sparse kernels. Attention stays dense.
 One token at a time (decode) goes through kernels_pallas.sparse_ffn (the C++ twin on CPU, Pallas on GPU); longer
 inputs (prefill, perplexity) compute densely and keep the same neurons, so the engine's perplexity is measured
 with the full-sequence forward. Shapes never depend on the active count, so the decode step compiles once.
+The predictors are trained low-rank ones (PredictorSet) or int4 copies of the FFN's own rows (Int4PredictorSet);
+with int4 predictors a one-token CPU step is one fused C++ call (kernels_pallas.quant_predict).
 Legend: B batch, L length, D d_model, F d_ff, K capacity.
 """
 
@@ -36,13 +38,13 @@ class SparseEngineConfig:
     capacity_quantile: each layer's capacity is this quantile of its predicted count per token on the
       calibration tokens (rounded up to `capacity_multiple`); tokens predicting more keep the first `capacity`
       predicted neurons.
+    huge_pages: back the model's weights (dense and sparse alike) with 2 MiB pages once installed (used by the
+      decode benchmark): gathered rows otherwise cross a 4 KiB page, and a TLB miss, every 1,024 floats.
     """
 
     implementation: Implementation = Implementation.auto
     capacity_quantile: float = 0.999
     capacity_multiple: int = 16
-    # back the model's weights (dense and sparse alike) with 2 MiB pages once installed: gathered rows otherwise
-    # cross a 4 KiB page, and a TLB miss, every 1,024 floats
     huge_pages: bool = True
 
     def __post_init__(self):
