@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from sparse_lm.bench.decode import DecodeBenchConfig
 from sparse_lm.bench.ffn import FfnBenchConfig
 from sparse_lm.eval.run import EvalRunConfig
+from sparse_lm.offload.run import PlaceRunConfig
 from sparse_lm.predictors.run import PredictorRunConfig
 from sparse_lm.predictors.scaling import ScalingRunConfig
 from sparse_lm.profiling.run import ProfileRunConfig
@@ -42,6 +43,7 @@ def register() -> None:
     store.store(name="eval_schema", node=schema(EvalRunConfig))
     store.store(name="bench_decode_schema", node=schema(DecodeBenchConfig))
     store.store(name="bench_ffn_schema", node=schema(FfnBenchConfig))
+    store.store(name="place_schema", node=schema(PlaceRunConfig))
     store.store(name="profile_schema", node=schema(ProfileRunConfig))
     store.store(name="teal_schema", node=schema(TealRunConfig))
     store.store(name="train_schema", node=schema(TrainRunConfig))

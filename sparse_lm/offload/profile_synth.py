@@ -10,7 +10,6 @@ shuffled over neuron indices with a seeded permutation (hot neurons are not inde
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,21 +39,21 @@ def pareto_quantiles(n: int, exponent: float) -> Float[np.ndarray, " N"]:
 def scale_to_mean(values: Float[np.ndarray, " N"], mean: float) -> Float[np.ndarray, " N"]:
     """min(s * values, 1) with the scale s chosen so the result has the given mean (values > 0).
 
-    The clipped mean is increasing in s, so s is found by bisection on its logarithm.
+    With the k largest values clipped, s = (n mean - k) / (sum of the others); the answer is the least k at
+    which the largest unclipped value stays <= 1 once scaled (water filling, exact).
     """
     values = np.asarray(values, np.float64)
     if not 0 < mean <= 1:
         raise ValueError(f"active fraction must be in (0, 1], got {mean}")
     if mean == 1:
         return np.ones_like(values)
-    low, high = math.log(mean / values.max()), math.log(1.0 / values.min())
-    for _ in range(200):
-        middle = 0.5 * (low + high)
-        if np.minimum(values * math.exp(middle), 1.0).mean() < mean:
-            low = middle
-        else:
-            high = middle
-    return np.minimum(values * math.exp(high), 1.0)
+    ordered = np.sort(values)[::-1]
+    n = ordered.size
+    rest = np.cumsum(ordered[::-1])[::-1]  # rest[k]: sum of ordered[k:]
+    clipped = np.arange(n)
+    scale = (n * mean - clipped) / rest
+    k = int(np.argmax(scale * ordered <= 1.0))  # exists: at k = n - 1, scale * ordered[-1] = n mean - n + 1 <= 1
+    return np.minimum(values * scale[k], 1.0)
 
 
 def top_share(frequencies: Float[np.ndarray, " N"], fraction: float) -> float:
@@ -91,7 +90,7 @@ def exponent_for_hot_share(d_ff: int, active_fraction: float, hot_fraction: floa
             f"(the top {hot_fraction:.0%} make {share_at(high):.3f} to {share_at(low):.3f} of firings for "
             f"exponents {_ALPHA_HIGH} to {_ALPHA_LOW})"
         )
-    for _ in range(60):
+    for _ in range(40):
         middle = 0.5 * (low + high)
         if share_at(middle) > share:
             low = middle
@@ -106,7 +105,7 @@ def synthetic_frequencies(
     *,
     active_fraction: float | Sequence[float],
     exponent: float | None = None,
-    hot_share: tuple[float, float] | None = None,
+    hot_share: tuple[float, float | Sequence[float]] | None = None,
     seed: int = 0,
 ) -> Float[np.ndarray, "L F"]:
     """Per-neuron firing probabilities of a synthetic power-law profile.
@@ -116,7 +115,7 @@ def synthetic_frequencies(
       active_fraction: mean firing probability per layer (one value for all, or L values): 1 - sparsity.
       exponent: density exponent alpha of the per-neuron frequencies (> 1; smaller is more skewed).
       hot_share: instead of `exponent`, (fraction of neurons, share of firings) to calibrate it to, e.g.
-        (0.26, 0.80); calibrated on each layer's own active fraction.
+        (0.26, 0.80); the share may be one value or L values; calibrated on each layer's own active fraction.
       seed: seeds the shuffle of neuron indices within each layer.
 
     Returns:
@@ -131,9 +130,16 @@ def synthetic_frequencies(
         fractions = np.full(layers, float(fractions))
     if fractions.shape != (layers,):
         raise ValueError(f"active_fraction needs one value or {layers} (one per layer), got {fractions.shape[0]}")
+    if hot_share is not None:
+        hot_fraction, shares = hot_share
+        shares = np.asarray(shares, np.float64)
+        shares = np.full(layers, float(shares)) if shares.ndim == 0 else shares
+        if shares.shape != (layers,):
+            raise ValueError(f"hot_share needs one share or {layers} (one per layer), got {shares.shape[0]}")
     rng = np.random.default_rng(seed)
     out = np.empty((layers, d_ff), np.float64)
     for layer, fraction in enumerate(fractions):
-        alpha = exponent if exponent is not None else exponent_for_hot_share(d_ff, float(fraction), *hot_share)
+        alpha = exponent if exponent is not None else exponent_for_hot_share(
+            d_ff, float(fraction), float(hot_fraction), float(shares[layer]))
         out[layer] = layer_profile(d_ff, float(fraction), alpha)[rng.permutation(d_ff)]
     return out

@@ -1,0 +1,104 @@
+"""The placement experiment: config, measured and synthetic profiles, summary, gpu-index file, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from experiments.common import to_config
+from experiments.schemas import register
+from sparse_lm.offload.gpu_index import read_gpu_index
+from sparse_lm.offload.placement import PlacementInfeasible
+from sparse_lm.offload.run import PlaceRunConfig, run
+from sparse_lm.offload.sizes import parse_size
+from sparse_lm.profiling.counts import FiringCounts
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def composed(*overrides: str) -> PlaceRunConfig:
+    register()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        return to_config(compose(config_name="place", overrides=list(overrides)))
+
+
+def test_parse_size():
+    assert parse_size("8GiB") == 8 << 30
+    assert parse_size("500 MB") == 500_000_000
+    assert parse_size("1e3") == 1000
+    assert parse_size("25%", 400) == 100
+    with pytest.raises(ValueError, match="budget='8 parsecs': unknown unit 'parsecs'"):
+        parse_size("8 parsecs", key="budget")
+    with pytest.raises(ValueError, match="needs something to be a share of"):
+        parse_size("5%")
+
+
+def test_synthetic_run_on_the_default_profile(tmp_path):
+    cfg = composed("model_shape=smollm2_135m", "budget=25%", "precision=fp32")
+    summary = run(cfg, tmp_path)
+    neuron_bytes = 3 * 576 * 4
+    assert summary["neuron_bytes"] == neuron_bytes
+    assert summary["capacity_neurons"] == int(0.25 * 30 * 1536 * neuron_bytes) // neuron_bytes == 11520
+    assert summary["fast_neurons"] == 11520  # 1536 is a multiple of 64: every group fits
+    assert summary["synthetic_profile"] and "synthetic power law" in summary["profile"]
+    assert summary["objective"] >= summary["objective_greedy"] > 0
+    # the default profile is calibrated to our SmolLM2 measurement: the top quarter makes about 2/3 of firings
+    assert 0.6 < summary["fast_firing_share"] < 0.72
+    mask, capacity = read_gpu_index(tmp_path / "placement.gpuidx")
+    assert mask.shape == (30, 1536) and mask.sum() == 11520 and capacity == summary["budget_bytes"]
+    assert json.loads((tmp_path / "summary.json").read_text())["objective"] == summary["objective"]
+    assert json.loads((tmp_path / "config.json").read_text())["solver"] == "ilp"
+
+
+def test_measured_profile_is_used_and_checked(tmp_path):
+    rng = np.random.default_rng(0)
+    counts = FiringCounts.zeros(30, 1536)
+    counts.add(rng.integers(0, 100, (30, 1536)), np.zeros((30, 1536)), tokens=100)
+    path = counts.save(tmp_path / "counts_total.npz")
+    cfg = composed("model_shape=smollm2_135m", "budget=10%", "solver=greedy", f"profile={path}")
+    summary = run(cfg, tmp_path / "run")
+    assert summary["profile"].startswith("measured") and not summary["synthetic_profile"]
+    frequencies = counts.counts / counts.tokens
+    top = np.sort(frequencies.reshape(-1))[::-1]
+    # group prefixes of 64: the objective is at most the global top-k and close to it
+    assert top[: summary["fast_neurons"]].sum() * 0.98 < summary["objective"] <= top[: summary["fast_neurons"]].sum()
+    with pytest.raises(ValueError, match="do not fit model_shape=llama7b"):
+        run(composed("model_shape=llama7b", f"profile={path}"), tmp_path / "bad")
+
+
+def test_budget_below_the_attention_weights_is_infeasible(tmp_path):
+    with pytest.raises(PlacementInfeasible, match="budget=1GiB .* attention weights of llama7b"):
+        run(composed("budget=1GiB", "reserve_attention=true"), tmp_path)
+
+
+def test_bad_keys_are_named():
+    with pytest.raises(KeyError, match="unknown model shape 'gpt5'"):
+        PlaceRunConfig(model_shape="gpt5")
+    with pytest.raises(ValueError, match="solver='simplex' is not one of: ilp, greedy"):
+        PlaceRunConfig(solver="simplex")
+    with pytest.raises(ValueError, match="synthetic.active_fraction must be values in"):
+        composed("synthetic.active_fraction=[0.0]")
+
+
+def test_cli_writes_the_interface_fields(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "place.py"), "model_shape=llama7b", "solver=greedy",
+         "budget=10%", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["solver"] == "greedy" and summary["solve_seconds"] > 0 and summary["objective"] > 0
+    assert (tmp_path / ".hydra" / "config.yaml").is_file()
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "place.py"), "budget=lots", f"hydra.run.dir={tmp_path}/bad"],
+        cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2 and "budget='lots' is not a size" in bad.stderr
