@@ -5,8 +5,8 @@ Usage: `python analysis/make_figures.py [--results-dir results] [--out-dir docs/
 Each result whose name has a registered drawing function gets `<out-dir>/<name>.png` and `.pdf`;
 `python -m sparse_lm.results render` then links the PNGs from docs/RESULTS.md. Drawing functions register
 in `figure_registry.py`: here (benchmarks, profiles), in `figures_bench.py` (kernel and sparse decode
-benchmarks), in `figures_train.py` (training runs), in `figures_predictors.py` (activation predictors) and in
-`figures_predictor_study.py` (predictor scaling, sweeps).
+benchmarks), in `figures_train.py` (training runs), in `figures_predictors.py` (activation predictors), in
+`figures_predictor_study.py` (predictor scaling, sweeps) and in `figures_roofline.py` (cost-model validation).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 import figures_bench  # noqa: F401  (registers the sparse-FFN and sparse-decode benchmark figures)
 import figures_predictor_study  # noqa: F401  (registers the predictor scaling and sweep figures)
 import figures_predictors  # noqa: F401  (registers the activation-predictor figure)
+import figures_roofline  # noqa: F401  (registers the cost-model validation figure)
 import figures_train  # noqa: F401  (registers the training figures)
 import matplotlib
 from figure_registry import columns, find_figure, register, save, table

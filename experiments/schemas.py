@@ -16,6 +16,8 @@ from sparse_lm.predictors.run import PredictorRunConfig
 from sparse_lm.predictors.scaling import ScalingRunConfig
 from sparse_lm.profiling.run import ProfileRunConfig
 from sparse_lm.profiling.teal import TealRunConfig
+from sparse_lm.roofline.calibrate import CalibrationConfig
+from sparse_lm.roofline.validate import ValidationConfig
 from sparse_lm.train.config import TrainRunConfig
 
 
@@ -49,3 +51,5 @@ def register() -> None:
     store.store(name="train_schema", node=schema(TrainRunConfig))
     store.store(name="train_predictor_schema", node=schema(PredictorRunConfig))
     store.store(name="predictor_scaling_schema", node=schema(ScalingRunConfig))
+    store.store(name="calibrate_hardware_schema", node=schema(CalibrationConfig))
+    store.store(name="validate_cost_model_schema", node=schema(ValidationConfig))
