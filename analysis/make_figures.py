@@ -6,7 +6,8 @@ Each result whose name has a registered drawing function gets `<out-dir>/<name>.
 `python -m sparse_lm.results render` then links the PNGs from docs/RESULTS.md. Drawing functions register
 in `figure_registry.py`: here (benchmarks, profiles), in `figures_bench.py` (kernel and sparse decode
 benchmarks), in `figures_train.py` (training runs), in `figures_predictors.py` (activation predictors), in
-`figures_predictor_study.py` (predictor scaling, sweeps) and in `figures_roofline.py` (cost-model validation).
+`figures_predictor_study.py` (predictor scaling, sweeps), in `figures_roofline.py` (cost-model validation) and in
+`figures_offload.py` (placement sweep).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import figures_bench  # noqa: F401  (registers the sparse-FFN and sparse-decode benchmark figures)
+import figures_offload  # noqa: F401  (registers the placement sweep figure)
 import figures_predictor_study  # noqa: F401  (registers the predictor scaling and sweep figures)
 import figures_predictors  # noqa: F401  (registers the activation-predictor figure)
 import figures_roofline  # noqa: F401  (registers the cost-model validation figure)

@@ -7,6 +7,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from sparse_lm.offload.report import collect_place_sweep
 from sparse_lm.predictors.report import collect_predictor_sweep
 from sparse_lm.results import current_command
 from sparse_lm.train.report import collect_sweep
@@ -29,4 +30,12 @@ class PredictorSweepResult(SweepResult):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         path = collect_predictor_sweep(config.hydra.sweep.dir, self.record_as, self.results_dir, current_command())
+        print(f"sweep result: {path}")
+
+
+class PlacementSweepResult(SweepResult):
+    """The same for a sweep of experiments/place.py (budget x solver x hardware)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        path = collect_place_sweep(config.hydra.sweep.dir, self.record_as, self.results_dir, current_command())
         print(f"sweep result: {path}")

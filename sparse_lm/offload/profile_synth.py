@@ -138,8 +138,12 @@ def synthetic_frequencies(
             raise ValueError(f"hot_share needs one share or {layers} (one per layer), got {shares.shape[0]}")
     rng = np.random.default_rng(seed)
     out = np.empty((layers, d_ff), np.float64)
+    profiles: dict[tuple[float, float], np.ndarray] = {}  # layers of equal fraction and share share one law
     for layer, fraction in enumerate(fractions):
-        alpha = exponent if exponent is not None else exponent_for_hot_share(
-            d_ff, float(fraction), float(hot_fraction), float(shares[layer]))
-        out[layer] = layer_profile(d_ff, float(fraction), alpha)[rng.permutation(d_ff)]
+        key = (float(fraction), float(shares[layer]) if hot_share is not None else 0.0)
+        if key not in profiles:
+            alpha = exponent if exponent is not None else exponent_for_hot_share(
+                d_ff, key[0], float(hot_fraction), key[1])
+            profiles[key] = layer_profile(d_ff, key[0], alpha)
+        out[layer] = profiles[key][rng.permutation(d_ff)]
     return out

@@ -15,8 +15,12 @@ import numpy as np
 from sparse_lm.offload.gpu_index import write_gpu_index
 from sparse_lm.offload.placement import PlacementInfeasible, greedy_placement, ilp_placement
 from sparse_lm.offload.profile_synth import synthetic_frequencies, top_share
+from sparse_lm.offload.projection import GpuSetting, project_baselines, project_placement
 from sparse_lm.offload.sizes import parse_size
 from sparse_lm.profiling.counts import FiringCounts
+from sparse_lm.roofline import paper
+from sparse_lm.roofline.hardware import HardwareSpec
+from sparse_lm.roofline.project import CostParams
 from sparse_lm.roofline.shapes import ModelShape, Precision, get_shape
 from sparse_lm.utils.config import coerce_enums
 from sparse_lm.utils.io import atomic_write_json
@@ -98,10 +102,17 @@ class PlaceRunConfig:
       solver: ilp or greedy; the summary always reports greedy's objective beside the program's.
       budget: fast-tier memory: a size ("8GiB", "500MB") or a share of the FFN weights ("25%").
       precision: storage of the weights (bytes per neuron follow from it).
-      reserve_attention: the attention weights sit on the fast tier first (PowerInfer) and come out of the budget.
+      hardware: null, or a GPU machine (conf/hardware: pc_high, pc_low, a100, h100). With one,
+        `budget` is its GPU memory: the neurons get what the cost model leaves after attention, predictors, KV
+        cache and head, the per-layer bound follows from the machine, and the summary projects decode tokens/s
+        for this placement and for the baselines (layer_split, flexgen, all_fast) at the same GPU memory.
+      reserve_attention: without hardware: the attention weights sit on the fast tier first (PowerInfer) and
+        come out of the budget.
       group_size: neurons per binary of the program (PowerInfer: 64).
       min_neurons: per layer, at least this many fast neurons or none (PowerInfer's communication constraint as
-        a count: sparse_lm.offload.placement.min_fast_neurons).
+        a count); null: derived from the hardware's bandwidths and hand-off time (0 without hardware).
+      context, kv_capacity: tokens attended to by the projected decode step, and tokens of KV cache on the GPU.
+      predictor_params: weights of all predictors on the GPU; null: PowerInfer's size for its models, else 0.
       time_limit: seconds HiGHS may take before returning its incumbent.
       profile: a counts file (`counts_total.npz` of experiments/profile.py) of this shape; null draws `synthetic`.
     """
@@ -110,10 +121,14 @@ class PlaceRunConfig:
     solver: Solver = Solver.ilp
     budget: str = "25%"
     precision: Precision = Precision.fp16
+    hardware: HardwareSpec | None = None
     reserve_attention: bool = True
     group_size: int = 64
-    min_neurons: int = 0
+    min_neurons: int | None = None
     time_limit: float = 60.0
+    context: int = 128
+    kv_capacity: int = 192
+    predictor_params: float | None = None
     profile: str | None = None
     synthetic: SyntheticProfileConfig = dataclasses.field(default_factory=SyntheticProfileConfig)
     record_as: str | None = None
@@ -126,8 +141,10 @@ class PlaceRunConfig:
         get_shape(self.model_shape)  # a bad name fails here, naming the known shapes
         if self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
-        if self.min_neurons < 0:
+        if self.min_neurons is not None and self.min_neurons < 0:
             raise ValueError(f"min_neurons must be >= 0, got {self.min_neurons}")
+        if not 1 <= self.context <= self.kv_capacity:
+            raise ValueError(f"need 1 <= context <= kv_capacity, got {self.context} and {self.kv_capacity}")
         if self.time_limit <= 0:
             raise ValueError(f"time_limit must be > 0 seconds, got {self.time_limit}")
 
@@ -156,6 +173,14 @@ def load_profile(cfg: PlaceRunConfig, shape: ModelShape) -> tuple[np.ndarray, st
                          f"no measured profile of {cfg.model_shape}")
 
 
+def _predictor_params(cfg: PlaceRunConfig) -> tuple[float, str]:
+    if cfg.predictor_params is not None:
+        return float(cfg.predictor_params), "given"
+    if cfg.model_shape in paper.MODELS:
+        return paper.predictor_params(cfg.model_shape)
+    return 0.0, f"none: PowerInfer gives no predictor size for {cfg.model_shape} (an oracle that costs nothing)"
+
+
 def run(cfg: PlaceRunConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -165,16 +190,33 @@ def run(cfg: PlaceRunConfig, run_dir: str | Path) -> dict[str, Any]:
     neuron_bytes = shape.neuron_params * cfg.precision.bytes_per_weight
     ffn_bytes = shape.n_layers * shape.d_ff * neuron_bytes
     budget_bytes = parse_size(cfg.budget, int(ffn_bytes), key="budget")
-    reserved = shape.n_layers * shape.attention_params * cfg.precision.bytes_per_weight if cfg.reserve_attention else 0
-    if budget_bytes < reserved:
-        raise PlacementInfeasible(
-            f"budget={cfg.budget} ({budget_bytes / 2**30:.2f} GiB) is below the {reserved / 2**30:.2f} GiB the "
-            f"attention weights of {cfg.model_shape} take on the fast tier (reserve_attention=true)"
-        )
-    capacity = int((budget_bytes - reserved) // neuron_bytes)
-    capacity = min(capacity, shape.n_layers * shape.d_ff)
+    setting = None
+    if cfg.hardware is not None:
+        params = CostParams()
+        if budget_bytes <= params.gpu_reserved_bytes:
+            raise PlacementInfeasible(
+                f"budget={cfg.budget} ({budget_bytes / 2**30:.2f} GiB) leaves nothing on the GPU once the "
+                f"{params.gpu_reserved_bytes / 2**30:.2f} GiB of CUDA context and buffers are set aside"
+            )
+        predictors, predictor_source = _predictor_params(cfg)
+        setting = GpuSetting.with_budget(cfg.hardware.resolve(), budget_bytes, precision=cfg.precision,
+                                         context=cfg.context, kv_capacity=cfg.kv_capacity,
+                                         predictor_params=predictors, params=params)
+        capacity = setting.ffn_capacity(shape)
+        reserved = budget_bytes - capacity * neuron_bytes
+        min_neurons = setting.min_neurons(shape) if cfg.min_neurons is None else cfg.min_neurons
+    else:
+        reserved = shape.n_layers * shape.attention_params * cfg.precision.bytes_per_weight \
+            if cfg.reserve_attention else 0
+        if budget_bytes < reserved:
+            raise PlacementInfeasible(
+                f"budget={cfg.budget} ({budget_bytes / 2**30:.2f} GiB) is below the {reserved / 2**30:.2f} GiB the "
+                f"attention weights of {cfg.model_shape} take on the fast tier (reserve_attention=true)"
+            )
+        capacity = min(int((budget_bytes - reserved) // neuron_bytes), shape.n_layers * shape.d_ff)
+        min_neurons = cfg.min_neurons or 0
     frequencies, source = load_profile(cfg, shape)
-    options = {"group_size": cfg.group_size, "min_neurons": cfg.min_neurons}
+    options = {"group_size": cfg.group_size, "min_neurons": min_neurons}
     greedy = greedy_placement(frequencies, capacity, **options)
     placement = ilp_placement(frequencies, capacity, time_limit=cfg.time_limit, **options) \
         if cfg.solver is Solver.ilp else greedy
@@ -195,15 +237,33 @@ def run(cfg: PlaceRunConfig, run_dir: str | Path) -> dict[str, Any]:
         "ffn_bytes": ffn_bytes,
         "neuron_bytes": neuron_bytes,
         "capacity_neurons": capacity,
+        "min_neurons": min_neurons,
         "fast_neurons": int(placement.mask.sum()),
         "fast_fraction": float(placement.mask.mean()),
         "fast_firing_share": float(frequencies[placement.mask].sum() / total),
         "fast_neurons_per_layer": placement.fast_neurons.tolist(),
         "fast_firing_share_per_layer": placement.fast_firing_share(frequencies).tolist(),
+        "active_fraction": float(frequencies.mean()),
         "top_20pct_share": float(np.mean([top_share(row, 0.2) for row in frequencies])),
         "profile": source,
         "synthetic_profile": cfg.profile is None,
         "gpu_index": str(run_dir / "placement.gpuidx"),
     }
+    if setting is not None:
+        mine = project_placement(shape, setting, placement.mask, frequencies)
+        baselines = project_baselines(shape, setting)
+        summary |= {
+            "hardware": cfg.hardware.name,
+            "predictor_params": setting.predictor_params,
+            "predictor_source": predictor_source,
+            "projected_tokens_per_s": mine["tokens_per_s"],
+            "projected_tokens_per_s_greedy": project_placement(shape, setting, greedy.mask, frequencies)[
+                "tokens_per_s"],
+            **{f"projected_tokens_per_s_{name}": p["tokens_per_s"] for name, p in baselines.items()},
+            "all_fast_fits": bool(baselines["all_fast"]["plan_fits"]),
+            "projected_speedup_over_layer_split": mine["tokens_per_s"] / baselines["layer_split"]["tokens_per_s"],
+            "projection": mine,
+            "projection_baselines": baselines,
+        }
     atomic_write_json(run_dir / "summary.json", summary)
     return summary

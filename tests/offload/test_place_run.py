@@ -102,3 +102,52 @@ def test_cli_writes_the_interface_fields(tmp_path):
         cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 2 and "budget='lots' is not a size" in bad.stderr
+
+
+def test_hardware_mode_projects_every_policy(tmp_path):
+    cfg = composed("experiment=place_sweep_llama7b", "hardware=pc_low", "solver=ilp", "budget=9GiB")
+    summary = run(cfg, tmp_path)
+    assert summary["hardware"] == "pc_low" and summary["model_shape"] == "llama_reglu_7b"
+    # PC-Low: 0.8 x 616 GB/s GPU, 0.8 x 38.4 GB/s DRAM, two 25 us hand-offs; a neuron is 3 x 4096 fp16 weights
+    neuron = 3 * 4096 * 2
+    saving = neuron / (0.8 * 38.4e9) - neuron / (0.8 * 616e9)
+    assert summary["min_neurons"] == int(np.ceil(50e-6 / saving))
+    assert np.all((np.array(summary["fast_neurons_per_layer"]) == 0)
+                  | (np.array(summary["fast_neurons_per_layer"]) >= summary["min_neurons"]))
+    assert 0 < summary["capacity_neurons"] < 32 * 11008
+    assert summary["reserved_bytes"] == summary["budget_bytes"] - summary["capacity_neurons"] * neuron
+    # the placement serves more than its share of neurons: the profile is skewed
+    assert summary["fast_firing_share"] > summary["fast_fraction"]
+    tps = {k: summary[f"projected_tokens_per_s_{k}"] for k in ("layer_split", "flexgen", "all_fast")}
+    assert summary["projected_tokens_per_s"] > tps["layer_split"] > tps["flexgen"] > 0
+    assert not summary["all_fast_fits"]  # 13.5 GB does not fit 9 GiB
+    assert summary["projected_speedup_over_layer_split"] == pytest.approx(
+        summary["projected_tokens_per_s"] / tps["layer_split"])
+    with pytest.raises(PlacementInfeasible, match="budget=1GiB .* CUDA context"):
+        run(composed("hardware=pc_high", "budget=1GiB"), tmp_path / "tiny")
+    with pytest.raises(ValueError, match="hardware.name='pc_mid' is not one of"):
+        composed("hardware=pc_high", "hardware.name=pc_mid")
+
+
+def test_sweep_record_and_figure(tmp_path, make_figures):
+    from sparse_lm.offload.report import collect_place_sweep
+
+    sweep = tmp_path / "sweep"
+    for n, (hardware, solver, budget) in enumerate(
+        [("pc_low", "ilp", "8GiB"), ("pc_low", "greedy", "8GiB"), ("pc_low", "ilp", "10GiB"),
+         ("pc_low", "greedy", "10GiB")]
+    ):
+        run(composed("experiment=place_sweep_llama7b", f"hardware={hardware}", f"solver={solver}",
+                     f"budget={budget}"), sweep / str(n))
+    path = collect_place_sweep(sweep, "place_sweep_test", tmp_path / "results", "pytest")
+    result = json.loads(path.read_text())
+    rows = result["tables"][0]["rows"]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("pc_low", "greedy", 8.0), ("pc_low", "greedy", 10.0),
+                                                  ("pc_low", "ilp", 8.0), ("pc_low", "ilp", 10.0)]
+    assert result["metrics"]["ilp_never_below_greedy"] is True
+    # more GPU memory, more neurons there, faster projected decode
+    assert rows[3][3] > rows[2][3] and rows[3][9] > rows[2][9]
+    from figure_registry import find_figure
+
+    written = find_figure("place_sweep_test")(result, tmp_path / "figures")
+    assert [p.suffix for p in written] == [".png", ".pdf"] and all(p.stat().st_size > 10_000 for p in written)
