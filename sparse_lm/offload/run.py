@@ -18,6 +18,7 @@ from sparse_lm.offload.profile_synth import synthetic_frequencies, top_share
 from sparse_lm.offload.projection import GpuSetting, project_baselines, project_placement
 from sparse_lm.offload.sizes import parse_size
 from sparse_lm.profiling.counts import FiringCounts
+from sparse_lm.results import current_command, write_result
 from sparse_lm.roofline import paper
 from sparse_lm.roofline.hardware import HardwareSpec
 from sparse_lm.roofline.project import CostParams
@@ -266,4 +267,9 @@ def run(cfg: PlaceRunConfig, run_dir: str | Path) -> dict[str, Any]:
             "projection_baselines": baselines,
         }
     atomic_write_json(run_dir / "summary.json", summary)
+    if cfg.record_as:
+        scalars = {k: v for k, v in summary.items() if isinstance(v, int | float | str | bool) and k != "gpu_index"}
+        write_result(cfg.record_as, scalars, command=current_command(),
+                     title=f"Neuron placement: {cfg.model_shape}, {cfg.solver.value}, budget {cfg.budget}",
+                     notes=f"Profile: {source}.", results_dir=cfg.results_dir)
     return summary

@@ -151,3 +151,11 @@ def test_sweep_record_and_figure(tmp_path, make_figures):
 
     written = find_figure("place_sweep_test")(result, tmp_path / "figures")
     assert [p.suffix for p in written] == [".png", ".pdf"] and all(p.stat().st_size > 10_000 for p in written)
+
+
+def test_record_as_writes_a_result(tmp_path):
+    cfg = composed("model_shape=smollm2_135m", "solver=greedy", "budget=10%", "record_as=place_quick",
+                   f"results_dir={tmp_path / 'results'}")
+    summary = run(cfg, tmp_path / "run")
+    result = json.loads((tmp_path / "results" / "place_quick.json").read_text())
+    assert result["metrics"]["objective"] == summary["objective"] and result["metrics"]["solver"] == "greedy"
