@@ -109,14 +109,21 @@ class Generator:
         """Compiles and runs prefill (for this bucket) and decode once, so timings exclude both."""
         if bucket in self._warm_buckets:
             return
-        rng = jax.random.key(0)
+        rng = self._committed_key(0)
         tokens = jnp.zeros((1, bucket), jnp.int32)
         token, cache = self._prefill(self.state, tokens, jnp.asarray(1, jnp.int32), self._empty_cache(), rng)
         self.decode_step(token, cache, rng)[0].block_until_ready()
         self._warm_buckets.add(bucket)
 
+    @staticmethod
+    def _committed_key(seed: int) -> jax.Array:
+        """A key committed to the device, like the keys the decode step returns: a committed and an uncommitted
+        argument compile two programs, and the second would compile inside the timed loop."""
+        return jax.device_put(jax.random.key(seed), jax.devices()[0])
+
     def _empty_cache(self) -> KVCache:
-        return init_cache(self.config, 1, self.capacity)
+        """An empty cache committed to the device, like the caches the steps return (see `_committed_key`)."""
+        return jax.device_put(init_cache(self.config, 1, self.capacity), jax.devices()[0])
 
     def decode_step(self, token: Int[Array, " 1"], cache: KVCache, rng: jax.Array):
         """One token in; the next token, the updated cache and the next key out (the cache argument is donated)."""
@@ -136,7 +143,7 @@ class Generator:
             )
         padded = np.zeros((1, bucket), np.int32)
         padded[0, : len(prompt)] = prompt
-        rng = jax.random.key(self.sampling.seed)
+        rng = self._committed_key(self.sampling.seed)
         self._warm_up(bucket)
         cache = self._empty_cache()
         start = time.perf_counter()
