@@ -21,7 +21,8 @@ PAPER_COLOR, PROJECTED_COLOR, MISS_COLOR = "0.6", "tab:blue", "tab:red"
 
 
 def validation_cases(result: dict[str, Any]) -> dict[str, dict[str, np.ndarray | list]]:
-    """Per metric, the case names and the paper, projected and relative-error columns, in table order."""
+    """Per metric, the case names (a fitted case marked "(fitted)") and the paper, projected and relative-error
+    columns, in table order."""
     cols = columns(table(result, CASE_TABLE))
     missing = [c for c in ("case", "metric", "paper", "projected", "relative_error") if c not in cols]
     if missing:
@@ -30,7 +31,8 @@ def validation_cases(result: dict[str, Any]) -> dict[str, dict[str, np.ndarray |
     for metric, _ in PANELS:
         rows = [i for i, m in enumerate(cols["metric"]) if m == metric]
         if rows:
-            out[metric] = {"case": [cols["case"][i] for i in rows],
+            fitted = cols.get("fitted", [False] * len(cols["case"]))
+            out[metric] = {"case": [cols["case"][i] + (" (fitted)" if fitted[i] else "") for i in rows],
                            **{k: np.array([cols[k][i] for i in rows], float)
                               for k in ("paper", "projected", "relative_error")}}
     if not out:
@@ -66,6 +68,9 @@ def validation_figure(result: dict[str, Any]) -> Figure:
         ax.spines[["top", "right"]].set_visible(False)
     axes[0].legend(loc="lower right", fontsize=7)
     metrics = result["metrics"]
+    fitted = metrics.get("fitted_case")
+    counted = metrics.get("cases", 0) - (1 if fitted else 0)
     fig.suptitle(f"Roofline cost model vs PowerInfer's published numbers: {metrics.get('cases_within_tolerance')} "
-                 f"of {metrics.get('cases')} cases within {tolerance:.0%} (red: outside)", fontsize=9)
+                 f"of {counted} {'unfitted ' if fitted else ''}cases within {tolerance:.0%} (red: outside)"
+                 + (f"\none constant fitted on {fitted}" if fitted else ""), fontsize=9)
     return fig

@@ -23,6 +23,7 @@ from sparse_lm.roofline.ops import (
     weight_bytes,
 )
 from sparse_lm.roofline.project import (
+    GPU_INT4_BANDWIDTH_EFFICIENCY,
     CostParams,
     MemoryPlan,
     NeuronSplit,
@@ -36,6 +37,7 @@ from sparse_lm.roofline.roofline import Tier, analyze, cpu_tier, gpu_tier, pcie_
 from sparse_lm.roofline.shapes import SHAPES, ModelShape, Precision, get_shape
 
 __all__ = [
+    "GPU_INT4_BANDWIDTH_EFFICIENCY",
     "PROFILES", "SHAPES", "Component", "CostParams", "HardwareProfile", "HardwareSpec", "MemoryPlan", "ModelShape",
     "NeuronSplit", "Op", "Phase", "Policy", "Precision", "Projection", "Tier", "analyze", "attention_ops",
     "cpu_tier", "embedding_ops", "ffn_ops", "get_profile", "get_shape", "gpu_ffn_capacity", "gpu_tier", "head_ops",

@@ -1,5 +1,7 @@
 """sparse_lm.roofline.project: policies on machines where the answer is computable by hand."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -147,3 +149,42 @@ def test_plan_memory_host_side():
     table = SHAPE.vocab_size * SHAPE.d_model * 2
     head = ops.weight_bytes(ops.head_ops(SHAPE, Precision.fp16))
     assert plan.host_bytes == pytest.approx(4 * (layer_weights() + KV) + table + head)
+
+
+def test_default_int4_efficiency_is_the_fitted_constant():
+    from sparse_lm.roofline.plan import GPU_INT4_BANDWIDTH_EFFICIENCY
+
+    assert CostParams().gpu_int4_efficiency == GPU_INT4_BANDWIDTH_EFFICIENCY == 0.211
+
+
+def test_int4_gpu_ops_run_at_the_int4_efficiency():
+    """all_fast on the GPU: INT4 time = GPU bytes / (GPU bandwidth x efficiency) + the logits over PCIe (not
+    scaled); FP16 ignores the efficiency."""
+    efficiency = 0.25
+    params = dataclasses.replace(FREE, gpu_int4_efficiency=efficiency)
+    int4 = Precision.int4
+    layer = ops.total(ops.layer_ops(SHAPE, int4, phase=Phase.decode, context=CONTEXT)).bytes
+    gpu_bytes = 4 * layer + ops.total(ops.head_ops(SHAPE, int4)).bytes + ops.total(ops.embedding_ops(SHAPE, int4)).bytes
+    p = project_decode(SHAPE, machine(1e9), Policy.all_fast, precision=int4, context=CONTEXT, params=params)
+    assert p.gpu_busy_s == pytest.approx(gpu_bytes / (GPU_BW * efficiency))
+    assert p.seconds_per_token == pytest.approx(gpu_bytes / (GPU_BW * efficiency) + SHAPE.vocab_size * 4 / PCIE_BW)
+    full = project_decode(SHAPE, machine(1e9), Policy.all_fast, precision=int4, context=CONTEXT,
+                          params=dataclasses.replace(FREE, gpu_int4_efficiency=1.0))
+    assert full.gpu_busy_s == pytest.approx(gpu_bytes / GPU_BW)
+    fp16 = project_decode(SHAPE, machine(1e9), Policy.all_fast, context=CONTEXT, params=params)
+    assert fp16.seconds_per_token == pytest.approx(project(Policy.all_fast, 1e9).seconds_per_token)
+
+
+def test_int4_efficiency_leaves_the_cpu_alone():
+    """No layer fits the GPU: llama.cpp runs everything on the CPU, whatever the GPU's INT4 efficiency."""
+    slow = project_decode(SHAPE, machine(1.0), Policy.layer_split, precision=Precision.int4, context=CONTEXT,
+                          params=dataclasses.replace(FREE, gpu_int4_efficiency=0.1))
+    fast = project_decode(SHAPE, machine(1.0), Policy.layer_split, precision=Precision.int4, context=CONTEXT,
+                          params=dataclasses.replace(FREE, gpu_int4_efficiency=1.0))
+    assert slow.plan.gpu_layers == 0 and slow.seconds_per_token == fast.seconds_per_token > 0
+
+
+@pytest.mark.parametrize("value", [0.0, -0.1, 1.5])
+def test_bad_int4_efficiency_is_named(value):
+    with pytest.raises(ValueError, match="gpu_int4_efficiency"):
+        CostParams(gpu_int4_efficiency=value)

@@ -6,6 +6,8 @@ import pytest
 
 from sparse_lm.roofline import get_shape
 from sparse_lm.roofline.paper import CASES, get_case, predictor_params
+from sparse_lm.roofline.plan import GPU_INT4_BANDWIDTH_EFFICIENCY
+from sparse_lm.roofline.project import CostParams
 from sparse_lm.roofline.validate import ValidationConfig, run
 
 MACHINE = {"cpu_model": "Test CPU", "cores_logical": 2, "cores_usable": 2, "memory_gib": 8.0, "jax_backend": "cpu"}
@@ -13,7 +15,8 @@ MACHINE = {"cpu_model": "Test CPU", "cores_logical": 2, "cores_usable": 2, "memo
 
 def test_one_case_into_the_result_file(tmp_path, monkeypatch):
     monkeypatch.setattr("sparse_lm.results.machine_info", lambda: MACHINE)
-    cfg = ValidationConfig(cases=("falcon40b_fp16_pc_high", "opt30b_vs_a100"), record_as="cost_model_validation",
+    cfg = ValidationConfig(cases=("falcon40b_fp16_pc_high", "opt30b_vs_a100"), fit_case=None,
+                           record_as="cost_model_validation",
                            results_dir=str(tmp_path))
     summary = run(cfg, tmp_path / "run")
     record = json.loads((tmp_path / "cost_model_validation.json").read_text())
@@ -51,3 +54,32 @@ def test_predictor_sizes():
 def test_cases_are_paper_numbers():
     assert {c.paper_value for c in CASES.values()} >= {11.69, 2.89, 4.28, 5.01, 8.00, 2.66}
     assert get_case("int4_mean_pc_low").hardware == "pc_low"
+
+
+def test_fit_matches_its_case_and_is_not_counted(tmp_path):
+    """The fitted efficiency reproduces its case's paper number (13.20 tokens/s), is the library default to 3
+    figures, and that case is flagged and left out of the counts; with the plain roofline (efficiency 1) the INT4
+    maximum speedup is over-projected, and with the fit no model projects slower than llama.cpp."""
+    cfg = ValidationConfig(cases=("int4_mean_rate_pc_high", "int4_max_pc_high"), fit_case="int4_mean_rate_pc_high")
+    summary = run(cfg, tmp_path / "run")
+    rows = {row[0]: row for row in summary["case_rows"]}
+    fitted = rows["int4_mean_rate_pc_high"]
+    assert fitted[7] == pytest.approx(13.20, rel=1e-6) and fitted[10] is True and fitted[9] is False
+    assert summary["fitted_constant"] == "gpu_int4_efficiency"
+    assert round(summary["fitted_value"], 3) == GPU_INT4_BANDWIDTH_EFFICIENCY == summary["default_value"]
+    assert summary["speedup_cases"] == 1
+    speedup = summary["model_columns"].index("speedup")
+    assert min(row[speedup] for row in summary["model_rows"]) > 1
+    unfitted = ValidationConfig(cases=cfg.cases, fit_case=None, params=CostParams(gpu_int4_efficiency=1.0))
+    plain = {row[0]: row for row in run(unfitted, tmp_path / "plain")["case_rows"]}
+    assert plain["int4_max_pc_high"][7] > 1.3 * 4.28  # the plain roofline over-projects the INT4 maximum
+    assert plain["int4_mean_rate_pc_high"][7] > 13.20 * 1.3
+
+
+def test_fit_case_must_be_run():
+    with pytest.raises(ValueError, match="fit_case"):
+        ValidationConfig(cases=("falcon40b_fp16_pc_high",), fit_case="int4_mean_rate_pc_high")
+    with pytest.raises(ValueError, match="INT4 tokens_per_s"):
+        ValidationConfig(cases=("int4_max_pc_high",), fit_case="int4_max_pc_high")
+    with pytest.raises(ValueError, match="INT4 tokens_per_s"):
+        ValidationConfig(cases=("fp16_mean_rate_pc_high",), fit_case="fp16_mean_rate_pc_high")
