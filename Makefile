@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_ENV := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_ARENA_MAX=1
 
-.PHONY: setup demo eval test lint bench bench-ffn bench-sparse results sweep relufy clean
+.PHONY: setup demo eval test lint bench bench-ffn bench-sparse bench-disk offload results sweep relufy clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,16 @@ bench-ffn: setup
 bench-sparse: setup
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(BENCH_ENV) $(PY) experiments/bench_decode.py experiment=bench_sparse_int4_smollm2_drelu
+
+# Issue 7: the disk tier on the ReLU-fied SmolLM2 (make relufy): neuron cache against whole-layer loading (~10 min)
+bench-disk: setup
+	$(BENCH_ENV) $(PY) experiments/bench_disk_tier.py record_as=bench_disk_tier_smollm2_drelu
+
+# Issue 7: this machine's profile, the cost model against PowerInfer's table, the placement sweep (~5 min)
+offload: setup
+	$(PY) experiments/calibrate_hardware.py
+	$(PY) experiments/validate_cost_model.py
+	$(PY) experiments/place.py --multirun experiment=place_sweep_llama7b
 
 # Issue 4's training runs (each resumes when rerun): the from-scratch FFN study (5 x 12.6M models, ~50 min)
 # and the dReLU ReLU-fication of SmolLM2-135M (~40 min). Both write results/*.json.

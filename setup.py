@@ -18,6 +18,16 @@ setup(
             language="c++",
             # -isystem: the FFI headers' own warnings are not ours; x86-64-v3 = AVX2 + FMA
             extra_compile_args=["-std=c++17", "-O3", "-march=x86-64-v3", "-isystem", FFI_HEADERS],
-        )
+        ),
+        Extension(
+            # the disk tier (sparse_lm.offload.disk): io_uring reads, the neuron cache and its FFN, loaded with
+            # ctypes and registered with jax.ffi; the same flags as above, so its FFN sums match the kernels' bit for bit
+            "sparse_lm.offload._disk_tier",
+            sources=["sparse_lm/offload/disk_tier.cc"],
+            depends=["kernels_pallas/cpu/cpu_common.h"],
+            include_dirs=["kernels_pallas/cpu"],
+            language="c++",
+            extra_compile_args=["-std=c++17", "-O3", "-march=x86-64-v3", "-isystem", FFI_HEADERS],
+        ),
     ]
 )

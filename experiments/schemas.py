@@ -9,6 +9,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_lm.bench.decode import DecodeBenchConfig
+from sparse_lm.bench.disk_tier import DiskTierBenchConfig
 from sparse_lm.bench.ffn import FfnBenchConfig
 from sparse_lm.eval.run import EvalRunConfig
 from sparse_lm.offload.run import PlaceRunConfig
@@ -44,6 +45,7 @@ def register() -> None:
     store = ConfigStore.instance()
     store.store(name="eval_schema", node=schema(EvalRunConfig))
     store.store(name="bench_decode_schema", node=schema(DecodeBenchConfig))
+    store.store(name="bench_disk_tier_schema", node=schema(DiskTierBenchConfig))
     store.store(name="bench_ffn_schema", node=schema(FfnBenchConfig))
     store.store(name="place_schema", node=schema(PlaceRunConfig))
     store.store(name="profile_schema", node=schema(ProfileRunConfig))
