@@ -353,7 +353,7 @@ def _write_result(cfg: DiskTierBenchConfig, summary: dict[str, Any]) -> Path:
     return write_result(
         cfg.record_as, flat, command=current_command(), tables=[table], results_dir=cfg.results_dir,
         title=f"Disk tier: neuron cache vs naive whole-layer loading, {summary['model']} ({summary['model_path']}), "
-              "f32, batch 1, CPU",
+              f"f32, batch 1, CPU{'' if cfg.read_ahead_margin is not None else ', no read-ahead'}",
         notes=(
             "Decode with the FFN rows on disk under a RAM budget (a fraction of the FFN weights; attention, "
             "embeddings, norms, output head, int4 predictors and the KV cache stay in RAM: `fixed_region_bytes`). "

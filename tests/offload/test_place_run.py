@@ -89,7 +89,7 @@ def test_bad_keys_are_named():
 
 def test_cli_writes_the_interface_fields(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "place.py"), "model_shape=llama7b", "solver=greedy",
+        [sys.executable, str(REPO / "experiments" / "place.py"), "model_shape=smollm2_135m", "solver=greedy",
          "budget=10%", f"hydra.run.dir={tmp_path}"],
         cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=120,
     )
