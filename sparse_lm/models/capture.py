@@ -28,6 +28,16 @@ def set_capture(model: Transformer, points: Iterable[CapturePoint | str]) -> Non
         block.ffn.capture_points = chosen
 
 
+def split_capturing(model: Transformer, points: Iterable[CapturePoint | str]) -> tuple[nnx.GraphDef, nnx.State]:
+    """`nnx.split` of `model` with `points` captured in the split graph only; the model itself keeps capturing
+    nothing, so its plain forward pass is not slowed."""
+    set_capture(model, points)
+    try:
+        return nnx.split(model)
+    finally:
+        set_capture(model, [])
+
+
 def capture_forward(
     model: Transformer, tokens: Int[Array, "B L"]
 ) -> tuple[Float[Array, "B L D"], dict[CapturePoint, list[Array]]]:

@@ -14,7 +14,7 @@ from jaxtyping import Array, Float, Int
 
 from kernels_pallas.cpu import ACTIVATION_CODES, default_threads, int4_scores_cpu
 from kernels_pallas.quant_predict import capped_mask
-from sparse_lm.models.capture import capture_forward, set_capture
+from sparse_lm.models.capture import capture_forward, split_capturing
 from sparse_lm.models.config import Activation
 from sparse_lm.models.ffn import CapturePoint
 from sparse_lm.offload.disk import library
@@ -131,9 +131,7 @@ def access_profile(model, predictors: Int4PredictorSet, capacities: list[int], t
                    batch_size: int = 4) -> tuple[np.ndarray, np.ndarray, int]:
     """Per neuron of every layer, on `tokens`: how often it is predicted (after the capacity cap) and how often it
     fires ([L, F] each), and the number of tokens counted."""
-    set_capture(model, [CapturePoint.ffn_input, CapturePoint.ffn_hidden])
-    graphdef, params = nnx.split(model)
-    set_capture(model, [])
+    graphdef, params = split_capturing(model, [CapturePoint.ffn_input, CapturePoint.ffn_hidden])
     predictor_def, predictor_state = nnx.split(predictors)
 
     @jax.jit

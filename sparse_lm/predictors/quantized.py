@@ -19,7 +19,7 @@ from jaxtyping import Array, Float, Int
 from tqdm.auto import tqdm
 
 from kernels_pallas.quant_predict import Int4Rows, decisive_projections, int4_scores_reference, quantize_rows
-from sparse_lm.models.capture import capture_forward, set_capture
+from sparse_lm.models.capture import capture_forward, split_capturing
 from sparse_lm.models.config import Activation, ModelConfig
 from sparse_lm.models.ffn import CapturePoint
 from sparse_lm.predictors.metrics import calibrate_threshold
@@ -94,9 +94,7 @@ def _captured_batches(model, predictors, tokens: Int[np.ndarray, "N S"], batch_s
     gated = model.config.activation.gated
     if gated:
         points.append(CapturePoint.ffn_gate)
-    set_capture(model, points)
-    graphdef, params = nnx.split(model)
-    set_capture(model, [])
+    graphdef, params = split_capturing(model, points)
     predictor_def, predictor_state = nnx.split(predictors)
 
     @jax.jit

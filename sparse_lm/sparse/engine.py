@@ -25,7 +25,7 @@ from kernels_pallas import Implementation, sparse_down, sparse_ffn
 from kernels_pallas.common import resolve
 from kernels_pallas.cpu import predict_gate_up_cpu
 from kernels_pallas.quant_predict import capped_mask, quant_sparse_ffn
-from sparse_lm.models.capture import capture_forward, set_capture
+from sparse_lm.models.capture import capture_forward, split_capturing
 from sparse_lm.models.ffn import CapturePoint, activation_pair, apply_threshold
 from sparse_lm.predictors.module import HiddenActivation, PredictorSet
 from sparse_lm.predictors.quantized import Int4Predictor, Int4PredictorSet
@@ -117,9 +117,7 @@ class SparseExecutor(nnx.Module):
 def predicted_counts(model, predictors: PredictorSet | Int4PredictorSet, tokens: Int[np.ndarray, "N S"],
                      batch_size: int = 4) -> np.ndarray:
     """Per layer, the predicted-active count of every token of `tokens` ([L, N*S])."""
-    set_capture(model, [CapturePoint.ffn_input])
-    graphdef, params = nnx.split(model)
-    set_capture(model, [])
+    graphdef, params = split_capturing(model, [CapturePoint.ffn_input])
     predictor_def, predictor_state = nnx.split(predictors)
 
     @jax.jit
