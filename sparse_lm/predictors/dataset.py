@@ -142,6 +142,40 @@ def open_dataset(folder: str | Path) -> tuple[Manifest, list[Path]]:
 
 
 @dataclasses.dataclass(frozen=True)
+class ShardHalf:
+    """The first (half=0) or second (half=1) half of one shard's tokens: disjoint token sets from one shard."""
+
+    path: Path
+    half: int
+
+    def __truediv__(self, name: str) -> Path:  # reads like a shard folder: `shard / "x_0.npy"`
+        return self.path / name
+
+    def rows(self, n_tokens: int) -> slice:
+        middle = n_tokens // 2
+        return slice(0, middle) if self.half == 0 else slice(middle, n_tokens)
+
+
+Shard = Path | ShardHalf
+
+
+def calibration_split(shards: list[Path]) -> tuple[list[Shard], list[Shard]]:
+    """Disjoint (calibration, measurement) tokens from the validation shards: alternate shards, or with a single
+    shard its two halves. Thresholds fitted on one set are always measured on the other."""
+    if not shards:
+        raise DatasetError("no validation shard to calibrate and measure on")
+    if len(shards) > 1:
+        return shards[::2], shards[1::2]
+    return [ShardHalf(shards[0], 0)], [ShardHalf(shards[0], 1)]
+
+
+def _shard_rows(shard: Shard, n_tokens: int) -> np.ndarray:
+    if isinstance(shard, ShardHalf):
+        return np.arange(n_tokens)[shard.rows(n_tokens)]
+    return np.arange(n_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerBatch:
     x: np.ndarray  # float32 [T, D]
     fired: np.ndarray  # bool [T, F]
@@ -149,7 +183,7 @@ class LayerBatch:
 
 
 def layer_batches(
-    shards: list[Path], layer: int, d_ff: int, batch_tokens: int, *, shuffle_seed: int | None = None,
+    shards: list[Shard], layer: int, d_ff: int, batch_tokens: int, *, shuffle_seed: int | None = None,
     with_abs: bool = False,
 ) -> Iterator[LayerBatch]:
     """One layer's tokens in batches, shard by shard (shuffled within each shard when a seed is given)."""
@@ -157,9 +191,9 @@ def layer_batches(
         x = np.load(shard / f"x_{layer}.npy", mmap_mode="r")
         fired = np.load(shard / f"fired_{layer}.npy", mmap_mode="r")
         absolute = np.load(shard / f"abs_{layer}.npy", mmap_mode="r") if with_abs else None
-        order = np.arange(len(x))
+        order = _shard_rows(shard, len(x))
         if shuffle_seed is not None:
-            order = np.random.default_rng([shuffle_seed, layer, index]).permutation(len(x))
+            order = np.random.default_rng([shuffle_seed, layer, index]).permutation(order)
         for first in range(0, len(x), batch_tokens):
             rows = np.sort(order[first : first + batch_tokens])
             yield LayerBatch(

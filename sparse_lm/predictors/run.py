@@ -17,7 +17,7 @@ from sparse_lm.data import DataConfig, Split, split_tokens
 from sparse_lm.eval.perplexity import perplexity
 from sparse_lm.models.loading import ModelSpec, build_model
 from sparse_lm.models.transformer import count_params
-from sparse_lm.predictors.dataset import collect, firing_counts, open_dataset
+from sparse_lm.predictors.dataset import calibration_split, collect, firing_counts, open_dataset
 from sparse_lm.predictors.metrics import LayerMetrics
 from sparse_lm.predictors.module import PredictorSet
 from sparse_lm.predictors.sizing import (
@@ -225,8 +225,7 @@ def run(cfg: PredictorRunConfig, run_dir: str | Path) -> dict[str, Any]:
         _, train_shards = open_dataset(folders["train"])
         _, val_shards = open_dataset(folders["validation"])
         # thresholds are calibrated on one half of the validation shards and measured on the other
-        calibration_shards, measure_shards = (val_shards[::2], val_shards[1::2]) if len(val_shards) > 1 else (
-            val_shards, val_shards)
+        calibration_shards, measure_shards = calibration_split(val_shards)
         shards = (train_shards, calibration_shards, measure_shards)
         counts, profiled_tokens = firing_counts(train_shards, config.n_layers, config.d_ff)
         layer_sparsity, layer_coverage = stats.sparsity(counts, profiled_tokens), stats.coverage_per_layer(counts)

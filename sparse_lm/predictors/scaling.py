@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from sparse_lm.data import DataConfig, Split
 from sparse_lm.models.config import Activation
 from sparse_lm.models.loading import ModelSpec, build_model
-from sparse_lm.predictors.dataset import layer_batches, open_dataset
+from sparse_lm.predictors.dataset import calibration_split, layer_batches, open_dataset
 from sparse_lm.predictors.metrics import budget_threshold, calibrate_threshold
 from sparse_lm.predictors.module import LowRankPredictor, predictor_params
 from sparse_lm.predictors.run import PredictorDataConfig, PredictorRunConfig, build_dataset
@@ -263,8 +263,7 @@ def run(cfg: ScalingRunConfig, run_dir: str | Path) -> dict[str, Any]:
         folders = build_dataset(data_cfg, model, tokenizer, thresholds, root)
         _, train_shards = open_dataset(folders["train"])
         _, val_shards = open_dataset(folders["validation"])
-        calibration_shards, measure_shards = (val_shards[::2], val_shards[1::2]) if len(val_shards) > 1 else (
-            val_shards, val_shards)
+        calibration_shards, measure_shards = calibration_split(val_shards)
         with_projection = bool(sc.projection_ranks) and projection_supported(config.activation, cfg.firing.rule)
         trained, projected, layer_stats = [], [], []
         total = len(sc.layers) * len(sc.train_tokens) * len(sc.ranks)

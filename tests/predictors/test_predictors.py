@@ -30,7 +30,7 @@ from sparse_lm.predictors import (
     load_predictors,
     save_predictors,
 )
-from sparse_lm.predictors.dataset import DatasetError, collect, layer_batches, open_dataset
+from sparse_lm.predictors.dataset import DatasetError, calibration_split, collect, layer_batches, open_dataset
 from sparse_lm.predictors.metrics import LayerMetrics, budget_threshold
 from sparse_lm.predictors.module import LowRankPredictor, ffn_params, predictor_params
 from sparse_lm.predictors.sizing import choose_ranks, uniform_rank_of_equal_size
@@ -340,3 +340,64 @@ def test_budget_sizing_run_spends_the_uniform_budget(tmp_path, text_file):
     assert math.isfinite(summary["profile_perplexity_predicted"])
     assert len(summary["layer_sparsity"]) == 2 and all(0 <= s <= 1 for s in summary["layer_sparsity"])
     assert all(0 < c <= 1 for c in summary["layer_coverage80"])
+
+
+def _rows_read(shards, layer=0, d_ff=64) -> set[bytes]:
+    return {row.tobytes() for batch in layer_batches(shards, layer, d_ff, 100) for row in batch.x}
+
+
+def _token_ids(shards) -> set[tuple[str, int]]:
+    """(shard folder, token index) of every token the shards cover (rows may repeat in content, ids do not)."""
+    from sparse_lm.predictors.dataset import ShardHalf
+
+    ids = set()
+    for shard in shards:
+        folder = shard.path if isinstance(shard, ShardHalf) else shard
+        n = len(np.load(folder / "x_0.npy", mmap_mode="r"))
+        rows = range(n)[shard.rows(n)] if isinstance(shard, ShardHalf) else range(n)
+        ids |= {(str(folder), i) for i in rows}
+    return ids
+
+
+@pytest.mark.parametrize("n_shards", [1, 2, 3])
+def test_calibration_and_measurement_tokens_are_disjoint(tmp_path, n_shards):
+    shards = _synthetic_shards(tmp_path, n_shards, seed=5)
+    calibration, measurement = calibration_split(shards)
+    calibrated, measured = _rows_read(calibration), _rows_read(measurement)
+    assert calibrated and measured and not calibrated & measured
+    assert calibrated | measured == _rows_read(shards)
+
+
+def test_default_run_with_one_validation_shard_calibrates_and_measures_on_disjoint_tokens(tmp_path, monkeypatch):
+    """The defaults give a single validation shard: recall must still be measured on tokens the threshold never
+    saw (in-sample calibration reads the same tokens in both)."""
+    import sparse_lm.predictors.run as predictor_run
+    from sparse_lm.data import DataConfig
+    from sparse_lm.models.loading import ModelSpec
+
+    seen: dict[str, set[bytes]] = {"calibrate": set(), "measure": set()}
+
+    def recording(name, function):
+        def wrapped(predictor, threshold_or_shards, *args, **kwargs):
+            shards = threshold_or_shards if name == "calibrate" else args[0]
+            seen[name] |= _token_ids(shards)
+            return function(predictor, threshold_or_shards, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(predictor_run, "calibrate", recording("calibrate", predictor_run.calibrate))
+    monkeypatch.setattr(predictor_run, "measure", recording("measure", predictor_run.measure))
+    text = tmp_path / "t.txt"
+    text.write_text((ROOT / "tests" / "fixtures" / "pydocs_sample" / "tutorial" / "interactive.rst.txt").read_text()
+                    * 3)
+    cfg = predictor_run.PredictorRunConfig(
+        model=ModelSpec(preset="tiny", source="random", activation="relu"),
+        data=DataConfig(corpus="textfile", path=str(text), split="all", cache_dir=str(tmp_path / "cache")),
+        firing=FiringConfig(rule="positive"),
+        dataset=predictor_run.PredictorDataConfig(train_tokens=1024, validation_tokens=512, seq_len=64),
+        predictor=PredictorTrainConfig(epochs=1, batch_tokens=256), ranks=(8,), curve_recalls=(),
+        perplexity_tokens=200, progress=False, record_as=None, results_dir=str(tmp_path / "results"),
+    )
+    predictor_run.run(cfg, tmp_path / "run")
+    _, val_shards = open_dataset(next((tmp_path / "run" / "dataset").glob("validation-*")))
+    assert len(val_shards) == 1  # the case the defaults hit
+    assert seen["calibrate"] and seen["measure"] and not seen["calibrate"] & seen["measure"]
