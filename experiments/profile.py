@@ -17,9 +17,9 @@ def main(cfg: DictConfig) -> None:
     s = run_entry(cfg, run)
     print(
         f"{s['model']} ({s['firing_rule']} rule) on {' + '.join(s['corpora'])}: sparsity {s['sparsity_model']:.3f}, "
-        f"80% of firings in {s['coverage80_model']:.1%} of neurons, power-law exponent "
-        f"{s['powerlaw']['exponent']:.3f}"
+        f"80% of firings in {s['coverage80_model']:.1%} of neurons"
     )
+    print(f"power-law fit: {s['powerlaw']['verdict']}")
     if "hot_overlap_mean" in s:
         print(f"top-20% hot-set overlap between domains: {s['hot_overlap_mean']:.3f}")
     if "profile_overhead" in s:

@@ -123,6 +123,7 @@ class PowerLawFit:
             "bootstrap_replicates": int(self.bootstrap_replicates),
             "bootstrap_valid": int(self.bootstrap_valid),
         }
+        summary["verdict"] = fit_verdict(self)
         for name, comparison in self.comparisons.items():
             summary[f"vs_{name}"] = {
                 "R": float(comparison.loglikelihood_ratio),
@@ -132,6 +133,29 @@ class PowerLawFit:
                 "alternative_flagged": bool(comparison.alternative_flagged),
             }
         return summary
+
+
+def fit_verdict(fit: PowerLawFit) -> str:
+    """One sentence on what the fit supports: which distributions the likelihood-ratio tests favour over the
+    power law, and how much of the data the exponent describes. The exponent alone is no evidence of a power law."""
+    tail = f"the exponent {fit.alpha:.2f} describes the top {fit.n_tail / max(fit.n, 1):.0%} of neurons"
+    favoured = [name for name, c in fit.comparisons.items() if c.verdict == "alternative"]
+    beaten = [name for name, c in fit.comparisons.items() if c.verdict == "power_law"]
+    undecided = [name for name, c in fit.comparisons.items() if c.verdict == "inconclusive"]
+    if favoured:
+        line = f"not a power law: {', '.join(favoured)} fits better (p < {SIGNIFICANCE})"
+    elif beaten and not undecided:
+        line = f"power law favoured over {', '.join(beaten)} (p < {SIGNIFICANCE})"
+    elif beaten:
+        line = (f"power law favoured over {', '.join(beaten)}; against {', '.join(undecided)} the test cannot tell "
+                "(a power law is not established)")
+    elif undecided:
+        line = f"inconclusive: the data cannot tell a power law from {', '.join(undecided)}"
+    else:
+        line = "no alternative compared: a power law is not established"
+    if fit.flagged:
+        line += "; the fit is flagged (alpha at the edge of its range or no x_min candidate)"
+    return f"{line}; {tail}"
 
 
 def comparison_verdict(loglikelihood_ratio: float, p_value: float, significance: float = SIGNIFICANCE) -> Verdict:

@@ -240,3 +240,22 @@ def test_fit_rejects_bad_arguments(zipf_samples):
         fit_power_law(zipf_samples, discrete=True, xmin=float(zipf_samples.max()))
     with pytest.raises(ValueError, match="alpha_range"):
         fit_power_law(zipf_samples, discrete=True, alpha_range=(3.0, 2.0))
+
+
+def test_verdict_names_the_favoured_alternative_and_the_tail_share():
+    from sparse_lm.profiling.powerlaw_fit import Comparison, PowerLawFit, fit_verdict
+
+    def fit(**verdicts):
+        comparisons = {name: Comparison(name, -1.0 if v == "alternative" else 1.0, 0.01 if v != "inconclusive" else 0.5,
+                                        False, v, False) for name, v in verdicts.items()}
+        return PowerLawFit(alpha=4.18, alpha_ci=(4.0, 4.3), sigma=0.1, xmin=10.0, n_tail=120, n=1000, ks_distance=0.02,
+                           discrete=True, flagged=False, bootstrap_xmin="fixed", bootstrap_replicates=0,
+                           bootstrap_valid=0, comparisons=comparisons)
+
+    line = fit_verdict(fit(lognormal="alternative", exponential="power_law"))
+    assert line.startswith("not a power law: lognormal fits better")
+    assert line.endswith("the exponent 4.18 describes the top 12% of neurons")
+    assert fit_verdict(fit(lognormal="power_law", exponential="power_law")).startswith(
+        "power law favoured over lognormal, exponential")
+    assert "a power law is not established" in fit_verdict(fit(lognormal="inconclusive", exponential="power_law"))
+    assert fit_verdict(fit(lognormal="inconclusive")).startswith("inconclusive")
