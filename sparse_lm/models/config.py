@@ -28,6 +28,16 @@ class Activation(str, enum.Enum):
         return self in (Activation.swiglu, Activation.reglu, Activation.drelu)
 
 
+class ThresholdTarget(str, enum.Enum):
+    """What an FFN threshold t is compared with (see `ModelConfig.ffn_thresholds`)."""
+
+    hidden = "hidden"  # |a| > t, a the hidden activation (TEAL)
+    gate = "gate"  # |sigma(gate)| > t (CATS on SwiGLU, FATReLU on ReGLU): the gate row alone decides
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class NormKind(str, enum.Enum):
     rmsnorm = "rmsnorm"
     layernorm = "layernorm"
@@ -51,7 +61,9 @@ class ModelConfig:
     Attributes:
       ffn_thresholds: optional activation threshold t per layer (one value applies to every layer).
         The FFN then keeps a hidden activation a only where |a| > t (TEAL-style magnitude sparsity;
-        with a ReLU-family activation and t > 0 this is FATReLU's shifted threshold on the output).
+        with a ReLU-family activation and t > 0 this is FATReLU's shifted threshold on the output), or,
+        with `ffn_threshold_on=gate`, only where the activated gate |sigma(gate)| > t.
+      ffn_threshold_on: `hidden` or `gate` (gated FFNs only).
     """
 
     name: str = "custom"
@@ -70,11 +82,16 @@ class ModelConfig:
     tie_embeddings: bool = True
     max_seq_len: int = 2048
     ffn_thresholds: tuple[float, ...] | None = None
+    ffn_threshold_on: ThresholdTarget = ThresholdTarget.hidden
     bos_token_id: int | None = None
     eos_token_id: int | None = None
 
     def __post_init__(self):
-        coerce_enums(self, "model", {"activation": Activation, "norm": NormKind, "rope_layout": RopeLayout})
+        coerce_enums(
+            self, "model",
+            {"activation": Activation, "norm": NormKind, "rope_layout": RopeLayout,
+             "ffn_threshold_on": ThresholdTarget},
+        )
         if self.ffn_thresholds is not None:
             object.__setattr__(self, "ffn_thresholds", tuple(float(t) for t in self.ffn_thresholds))
         for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
@@ -103,6 +120,8 @@ class ModelConfig:
                 )
             if any(t < 0 for t in self.ffn_thresholds):
                 raise ValueError(f"model.ffn_thresholds must be >= 0, got {self.ffn_thresholds}")
+        if self.ffn_threshold_on is ThresholdTarget.gate and not self.activation.gated:
+            raise ValueError(f"model.ffn_threshold_on=gate needs a gated FFN, not {self.activation.value}")
 
     @property
     def resolved_head_dim(self) -> int:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from sparse_lm.models.config import Activation
+from sparse_lm.models.config import Activation, ThresholdTarget
 
 
 class CapturePoint(str, enum.Enum):
@@ -25,6 +25,7 @@ class CapturePoint(str, enum.Enum):
     ffn_input = "ffn_input"  # x entering the FFN, after its norm: [B, L, D]
     ffn_gate = "ffn_gate"  # gate pre-activation x W_gate (gated FFNs only): [B, L, F]
     ffn_hidden = "ffn_hidden"  # hidden activation a, after any threshold: [B, L, F]
+    ffn_output = "ffn_output"  # the FFN's output a W_down (what distillation matches layer by layer): [B, L, D]
 
 
 def activation_pair(
@@ -44,11 +45,41 @@ def activation_pair(
     raise ValueError(f"unknown activation {activation!r}")
 
 
+def gate_activation(activation: Activation, gate: Float[Array, "... F"]) -> Float[Array, "... F"]:
+    """The activated gate sigma(gate) of a gated FFN: silu for SwiGLU, relu for ReGLU and dReLU."""
+    if activation is Activation.swiglu:
+        return jax.nn.silu(gate)
+    if activation in (Activation.reglu, Activation.drelu):
+        return jax.nn.relu(gate)
+    raise ValueError(f"activation {activation.value} has no gate")
+
+
 def apply_threshold(hidden: Float[Array, "... F"], threshold: float | None) -> Float[Array, "... F"]:
     """Zeroes hidden activations with |a| <= threshold (no-op for None)."""
     if threshold is None:
         return hidden
     return jnp.where(jnp.abs(hidden) > threshold, hidden, jnp.zeros_like(hidden))
+
+
+def thresholded_hidden(
+    activation: Activation,
+    gate: Float[Array, "... F"] | None,
+    up: Float[Array, "... F"],
+    threshold: float | None,
+    threshold_on: ThresholdTarget,
+) -> Float[Array, "... F"]:
+    """The hidden activation with the threshold applied where `threshold_on` says.
+
+    hidden: a is kept where |a| > t (TEAL). gate: a is kept where |sigma(gate)| > t, so whether a neuron fires
+    depends on its gate row alone (CATS on SwiGLU; on ReGLU this is ProSparse's FATReLU, relu(g) kept only
+    above t).
+    """
+    hidden = activation_pair(activation, gate, up)
+    if threshold is None:
+        return hidden
+    if threshold_on is ThresholdTarget.gate:
+        return jnp.where(jnp.abs(gate_activation(activation, gate)) > threshold, hidden, jnp.zeros_like(hidden))
+    return apply_threshold(hidden, threshold)
 
 
 def keep_top_k(hidden: Float[Array, "... F"], keep: int | None) -> Float[Array, "... F"]:
@@ -71,11 +102,12 @@ def ffn_hidden(
     w_up: Float[Array, "D F"],
     activation: Activation,
     threshold: float | None = None,
+    threshold_on: ThresholdTarget = ThresholdTarget.hidden,
 ) -> Float[Array, "... F"]:
     """Hidden activation a = act(x W_gate, x W_up), thresholded when a threshold is set."""
     up = x @ w_up
     gate = x @ w_gate if w_gate is not None else None
-    return apply_threshold(activation_pair(activation, gate, up), threshold)
+    return thresholded_hidden(activation, gate, up, threshold, threshold_on)
 
 
 class FFN(nnx.Module):
@@ -88,6 +120,7 @@ class FFN(nnx.Module):
         activation: Activation,
         *,
         threshold: float | None = None,
+        threshold_on: ThresholdTarget = ThresholdTarget.hidden,
         rngs: nnx.Rngs,
         dtype=jnp.float32,
     ):
@@ -95,6 +128,9 @@ class FFN(nnx.Module):
         init_out = nnx.initializers.normal(stddev=d_ff**-0.5)
         self.activation = activation
         self.threshold = threshold
+        self.threshold_on = ThresholdTarget(threshold_on)
+        if self.threshold_on is ThresholdTarget.gate and not activation.gated:
+            raise ValueError(f"model.ffn_threshold_on=gate needs a gated FFN, not {activation.value}")
         self.keep_top: int | None = None  # forced top-k sparsity (evaluation); None keeps every neuron
         # An activation predictor (logits over neurons from x) and its decision threshold: when set, the FFN
         # keeps only the neurons predicted to fire (the dense reference of a predictor-gated sparse FFN).
@@ -121,10 +157,12 @@ class FFN(nnx.Module):
         gate = x @ self.w_gate[...] if self.w_gate is not None else None
         if gate is not None:
             self._capture(CapturePoint.ffn_gate, gate)
-        hidden = apply_threshold(activation_pair(self.activation, gate, up), self.threshold)
+        hidden = thresholded_hidden(self.activation, gate, up, self.threshold, self.threshold_on)
         hidden = keep_top_k(hidden, self.keep_top)
         if self.predictor is not None:
             predicted = self.predictor(x) > self.predictor_threshold
             hidden = jnp.where(predicted, hidden, jnp.zeros_like(hidden))
         self._capture(CapturePoint.ffn_hidden, hidden)
-        return hidden @ self.w_down[...]
+        out = hidden @ self.w_down[...]
+        self._capture(CapturePoint.ffn_output, out)
+        return out

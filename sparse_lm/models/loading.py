@@ -8,7 +8,7 @@ import enum
 from flax import nnx
 
 from sparse_lm.data.tokenizer import ByteTokenizer, Tokenizer
-from sparse_lm.models.config import Activation, ModelConfig
+from sparse_lm.models.config import Activation, ModelConfig, ThresholdTarget
 from sparse_lm.models.gguf_loader import load_gguf, open_gguf, smollm2_gguf_path, tokenizer_from_gguf
 from sparse_lm.models.presets import PRESETS, get_preset
 from sparse_lm.models.safetensors_loader import load_safetensors
@@ -41,6 +41,7 @@ class ModelSpec:
     d_ff: int | None = None
     ffn_param_match: bool = False
     ffn_thresholds: tuple[float, ...] | None = None
+    ffn_threshold_on: ThresholdTarget | None = None  # what ffn_thresholds compare with; None keeps the preset's
     tokenizer_path: str | None = None  # GGUF whose tokenizer to use with safetensors/random weights
 
     def __post_init__(self):
@@ -54,6 +55,13 @@ class ModelSpec:
             object.__setattr__(self, "activation", Activation(self.activation))
         if self.ffn_thresholds is not None:
             object.__setattr__(self, "ffn_thresholds", tuple(float(t) for t in self.ffn_thresholds))
+        if self.ffn_threshold_on is not None:
+            try:
+                object.__setattr__(self, "ffn_threshold_on", ThresholdTarget(self.ffn_threshold_on))
+            except ValueError:
+                raise ValueError(
+                    f"model.ffn_threshold_on={self.ffn_threshold_on!r} is not one of: hidden, gate"
+                ) from None
         if self.source in (WeightSource.safetensors, WeightSource.checkpoint) and not self.path:
             raise ValueError(f"model.path is required when model.source={self.source.value}")
         if self.d_ff is not None and self.d_ff < 1:
@@ -72,6 +80,8 @@ class ModelSpec:
                 changes["d_ff"] = round(d_ff * 3 / 2) if base.activation.gated else round(d_ff * 2 / 3)
         if self.ffn_thresholds is not None:
             changes["ffn_thresholds"] = self.ffn_thresholds
+        if self.ffn_threshold_on is not None:
+            changes["ffn_threshold_on"] = self.ffn_threshold_on
         return base.replace(**changes)
 
 

@@ -50,7 +50,8 @@ class Block(nnx.Module):
             rngs=rngs, dtype=dtype,
         )
         self.ffn_norm = Norm(c.d_model, c.norm, c.norm_eps, dtype)
-        self.ffn = FFN(c.d_model, c.d_ff, c.activation, threshold=c.layer_threshold(layer), rngs=rngs, dtype=dtype)
+        self.ffn = FFN(c.d_model, c.d_ff, c.activation, threshold=c.layer_threshold(layer),
+                       threshold_on=c.ffn_threshold_on, rngs=rngs, dtype=dtype)
 
     def __call__(self, x, positions, cache=None, start=0):
         attn_out, cache = self.attn(self.attn_norm(x), positions, cache, start)

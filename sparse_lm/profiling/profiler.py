@@ -22,7 +22,8 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from sparse_lm.models.capture import capture_forward, set_capture
-from sparse_lm.models.ffn import CapturePoint
+from sparse_lm.models.config import Activation, ThresholdTarget
+from sparse_lm.models.ffn import CapturePoint, gate_activation
 from sparse_lm.models.transformer import Transformer
 from sparse_lm.profiling.counts import FiringCounts
 from sparse_lm.profiling.firing import FiringConfig, FiringRule, fire_mask
@@ -128,23 +129,37 @@ def profile_sequences(
 
 
 def collect_abs_activations(
-    model: Transformer, sequences: Int[np.ndarray, "N S"], n_tokens: int, batch_size: int
+    model: Transformer,
+    sequences: Int[np.ndarray, "N S"],
+    n_tokens: int,
+    batch_size: int,
+    of: ThresholdTarget = ThresholdTarget.hidden,
+    gate_of: Activation | None = None,
 ) -> Float[np.ndarray, "L T F"]:
-    """|a| of every neuron for the first `n_tokens` tokens of `sequences`, per layer (for calibration)."""
-    set_capture(model, (CapturePoint.ffn_hidden,))
+    """Per layer, for the first `n_tokens` tokens of `sequences`, what a threshold is compared with (for calibration).
+
+    of=hidden: |a| of every neuron. of=gate: |sigma(gate)| with sigma the gate activation of `gate_of` (default the
+    model's own), e.g. the ReGLU gate relu(g) of a SwiGLU model about to be ReLU-fied.
+    """
+    point = CapturePoint.ffn_gate if of is ThresholdTarget.gate else CapturePoint.ffn_hidden
+    activation = gate_of or model.config.activation
+    set_capture(model, (point,))
     graphdef, params = nnx.split(model)
 
     @jax.jit
-    def hidden_of(params, tokens):
+    def values_of(params, tokens):
         _, captured = capture_forward(nnx.merge(graphdef, params), tokens)
-        return jnp.stack([jnp.abs(h).reshape(-1, h.shape[-1]) for h in captured[CapturePoint.ffn_hidden]])
+        values = captured[point]
+        if of is ThresholdTarget.gate:
+            values = [gate_activation(activation, g) for g in values]
+        return jnp.stack([jnp.abs(h).reshape(-1, h.shape[-1]) for h in values])
 
     chunks, seen = [], 0
     for first in range(0, len(sequences), batch_size):
         if seen >= n_tokens:
             break
         batch = sequences[first : first + batch_size]
-        chunks.append(np.asarray(hidden_of(params, batch)))
+        chunks.append(np.asarray(values_of(params, batch)))
         seen += batch.size
     set_capture(model, ())
     if not chunks:

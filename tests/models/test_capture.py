@@ -64,4 +64,14 @@ def test_capture_errors():
     with pytest.raises(ValueError, match="no capture point"):
         capture_forward(model, TOKENS)
     with pytest.raises(ValueError):
-        set_capture(model, ["ffn_output"])
+        set_capture(model, ["ffn_outputs"])
+
+
+def test_ffn_output_is_what_the_block_adds_to_the_residual():
+    model = Transformer(TINY, rngs=nnx.Rngs(0))
+    set_capture(model, [CapturePoint.ffn_input, CapturePoint.ffn_output])
+    _, captured = capture_forward(model, TOKENS)
+    for block, x, y in zip(model.blocks, captured[CapturePoint.ffn_input], captured[CapturePoint.ffn_output],
+                           strict=True):
+        expected = (jax.nn.silu(x @ block.ffn.w_gate[...]) * (x @ block.ffn.w_up[...])) @ block.ffn.w_down[...]
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
