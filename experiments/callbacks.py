@@ -16,12 +16,14 @@ from sparse_lm.train.report import collect_sweep
 class SweepResult(Callback):
     """Writes `<results_dir>/<record_as>.json` from every finished run of the sweep directory."""
 
-    def __init__(self, record_as: str, results_dir: str = "results"):
+    def __init__(self, record_as: str, results_dir: str = "results", **labels: str):
         self.record_as = record_as
         self.results_dir = results_dir
+        self.labels = labels  # optional title, table_title, notes of the record
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        path = collect_sweep(config.hydra.sweep.dir, self.record_as, self.results_dir, current_command())
+        path = collect_sweep(config.hydra.sweep.dir, self.record_as, self.results_dir, current_command(),
+                             **self.labels)
         print(f"sweep result: {path}")
 
 

@@ -69,6 +69,11 @@ class ActivationL1Config:
         _positive("l1", self, "ramp_steps")
 
 
+class Trainable(str, enum.Enum):
+    all = "all"  # every parameter
+    ffn = "ffn"  # the FFN matrices only (attention, norms and embeddings frozen: no gradient, no optimiser state)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Attributes:
@@ -92,8 +97,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     progress: bool = True
     nan_at_step: int | None = None
+    trainable: Trainable = Trainable.all
 
     def __post_init__(self):
+        coerce_enums(self, "train", {"trainable": Trainable})
         _positive("train", self, "steps", "batch_size", "seq_len", "accum_steps", "log_every", "eval_every",
                   "checkpoint_every", "keep_checkpoints")
         if self.devices < 0:
@@ -127,6 +134,62 @@ class TrainEvalConfig:
             raise ValueError(f"eval.topk_keep must be fractions in (0, 1], got {self.topk_keep}")
 
 
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation from the teacher: the original model of `model` (the same weights before the
+    activation swap and thresholds), run on the same tokens inside the training step.
+
+    The objective is ce_weight * CE + kl_weight * T^2 KL(teacher_T || student_T) + ffn_weight * FFN-match, where
+    FFN-match is, averaged over layers, the squared error between the student's and the teacher's FFN outputs
+    divided by the mean squared teacher output (each layer's FFN fed its own model's residual stream).
+    With kl_weight = ffn_weight = 0 (the default) there is no teacher and training is plain next-token loss.
+    """
+
+    kl_weight: float = 0.0
+    ce_weight: float = 1.0
+    temperature: float = 1.0
+    ffn_weight: float = 0.0
+
+    def __post_init__(self):
+        for field in ("kl_weight", "ce_weight", "ffn_weight"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"distill.{field} must be >= 0, got {getattr(self, field)}")
+        _positive("distill", self, "temperature")
+        if self.kl_weight == self.ce_weight == self.ffn_weight == 0:
+            raise ValueError("distill.kl_weight, distill.ce_weight and distill.ffn_weight are all 0: nothing to train")
+
+    @property
+    def enabled(self) -> bool:
+        return self.kl_weight > 0 or self.ffn_weight > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SwapConfig:
+    """How the activation swap of a pretrained model (`model.activation`) is made during training.
+
+    Attributes:
+      target_sparsity: when set, per-layer thresholds on the activated gate (`ffn_threshold_on=gate`: FATReLU on
+        ReGLU, CATS on SwiGLU) are calibrated before training on `calibration_tokens` training tokens so that this
+        share of each layer's gate values is at or below them; they are fixed for the run and saved with the model.
+      stages: the layers are swapped in this many groups, bottom group first, one every `stage_steps` steps
+        (1: all at once at step 0). Layers not yet swapped keep the original activation and no threshold.
+    """
+
+    target_sparsity: float | None = None
+    calibration_tokens: int = 16384
+    stages: int = 1
+    stage_steps: int = 0
+
+    def __post_init__(self):
+        if self.target_sparsity is not None and not 0 < self.target_sparsity < 1:
+            raise ValueError(f"swap.target_sparsity must be in (0, 1) or null, got {self.target_sparsity}")
+        _positive("swap", self, "calibration_tokens", "stages")
+        if self.stages > 1 and self.stage_steps <= 0:
+            raise ValueError(f"swap.stages={self.stages} needs swap.stage_steps > 0, got {self.stage_steps}")
+        if self.stage_steps < 0:
+            raise ValueError(f"swap.stage_steps must be >= 0, got {self.stage_steps}")
+
+
 class TokenizerSource(str, enum.Enum):
     model = "model"  # the model's own tokenizer (GGUF metadata, or bytes for tiny models)
     train_bpe = "train_bpe"  # a byte-level BPE of `vocab_size` trained on the training corpora
@@ -157,6 +220,8 @@ class TrainRunConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     optim: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     l1: ActivationL1Config = dataclasses.field(default_factory=ActivationL1Config)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    swap: SwapConfig = dataclasses.field(default_factory=SwapConfig)
     eval: TrainEvalConfig = dataclasses.field(default_factory=TrainEvalConfig)
     tracker: TrackerConfig = dataclasses.field(default_factory=TrackerConfig)
     name: str = "train"
@@ -167,6 +232,14 @@ class TrainRunConfig:
         object.__setattr__(self, "extra_corpora", tuple(Corpus(c) for c in self.extra_corpora))
         if self.data.split is not Split.train and self.data.corpus is not Corpus.textfile:
             raise ValueError(f"data.split must be train for training, got {self.data.split.value}")
+        swapping = self.model.activation is not None and self.tokenizer.source is TokenizerSource.model
+        if (self.distill.enabled or self.swap.stages > 1 or self.swap.target_sparsity is not None) and not swapping:
+            raise ValueError(
+                "distill.kl_weight / distill.ffn_weight, swap.stages > 1 and swap.target_sparsity need a model whose "
+                "activation is swapped (model.activation set; the original, same weights, is the teacher)"
+            )
+        if self.swap.target_sparsity is not None and self.model.ffn_thresholds is not None:
+            raise ValueError("give either swap.target_sparsity (calibrated) or model.ffn_thresholds, not both")
 
     def train_corpora(self) -> list[DataConfig]:
         return [self.data] + [self.data.replace(corpus=c, path=None) for c in self.extra_corpora]

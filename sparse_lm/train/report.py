@@ -47,6 +47,11 @@ def write_train_result(cfg, summary: dict[str, Any], records: Sequence[dict[str,
         "tokens": summary["tokens"],
         "tokens_per_s": summary.get("tokens_per_s", float("nan")),
     })
+    for key in ("mfu", "matmul_peak_gflops", "flops_per_token"):
+        if key in summary:
+            metrics[key] = summary[key]
+    for key, value in summary.get("recipe", {}).items():
+        metrics[f"recipe_{key}"] = value
     evals = [r for r in records if r["kind"] == "eval"]
     table = {
         "title": "Validation during training",
@@ -64,35 +69,46 @@ def write_train_result(cfg, summary: dict[str, Any], records: Sequence[dict[str,
     )
 
 
-def collect_sweep(sweep_dir: str | Path, record_as: str, results_dir: str | Path, command: str) -> Path:
-    """`results/<record_as>.json` from every finished run (a folder with summary.json) under `sweep_dir`."""
+SCRATCH_TITLE = "From-scratch FFN-variant study"
+SCRATCH_TABLE = "FFN variants trained from scratch (same data, tokens and seed)"
+SCRATCH_NOTES = (
+    "`sparsity`: share of FFN hidden activations exactly zero on the validation rows (SwiGLU has none). "
+    "`perplexity_top90`: validation perplexity when each token keeps only its 10% largest |a| per layer. "
+    "Ungated FFNs (relu, relu2) have d_ff x 1.5 so every variant has the same parameter count."
+)
+
+
+def collect_sweep(
+    sweep_dir: str | Path, record_as: str, results_dir: str | Path, command: str, *, title: str = SCRATCH_TITLE,
+    table_title: str = SCRATCH_TABLE, notes: str = SCRATCH_NOTES,
+) -> Path:
+    """`results/<record_as>.json` from every finished run (a folder with summary.json) under `sweep_dir`, one row
+    per run named by its folder (the swept value)."""
     sweep_dir = Path(sweep_dir)
     runs = sorted(p.parent for p in sweep_dir.glob("*/summary.json"))
     if not runs:
         raise FileNotFoundError(f"no finished run (summary.json) under {sweep_dir}")
     rows, series_train, series_eval, metrics = [], [], [], {}
-    columns = ["variant", "params", "tokens", "val_perplexity", "sparsity", "perplexity_top90", "tokens_per_s"]
+    columns = ["variant", "params", "tokens", "val_perplexity", "val_perplexity_web", "val_perplexity_pydocs",
+               "sparsity", "perplexity_top90", "tokens_per_s", "mfu"]
     for run in runs:
         summary = json.loads((run / "summary.json").read_text())
-        variant = summary["activation"]
-        rows.append([variant, summary["params"], summary["tokens"], summary["val_perplexity"], summary["sparsity"],
-                     summary.get("perplexity_top90", float("nan")), summary.get("tokens_per_s", float("nan"))])
+        variant = run.name  # the sweep's subdir: the swept value (activation, recipe, learning rate)
+        nan = float("nan")
+        rows.append([variant, summary["params"], summary["tokens"], summary["val_perplexity"],
+                     summary.get("val_perplexity_web", nan), summary.get("val_perplexity_pydocs", nan),
+                     summary["sparsity"], summary.get("perplexity_top90", float("nan")),
+                     summary.get("tokens_per_s", float("nan")), summary.get("mfu", float("nan"))])
         for key in ("val_perplexity", "sparsity", "perplexity_top90"):
             metrics[f"{variant}_{key}"] = summary.get(key, float("nan"))
         history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines() if line.strip()]
         run_curves = curves(history, variant)
         series_train += run_curves["train"]["rows"]
         series_eval += run_curves["eval"]["rows"]
-    table = {"title": "FFN variants trained from scratch (same data, tokens and seed)", "columns": columns,
-             "rows": rows}
-    notes = (
-        "`sparsity`: share of FFN hidden activations exactly zero on the validation rows (SwiGLU has none). "
-        "`perplexity_top90`: validation perplexity when each token keeps only its 10% largest |a| per layer. "
-        "Ungated FFNs (relu, relu2) have d_ff x 1.5 so every variant has the same parameter count."
-    )
+    table = {"title": table_title, "columns": columns, "rows": rows}
     head = ["variant"]
     return write_result(
-        record_as, metrics, command=command, title="From-scratch FFN-variant study", notes=notes, tables=[table],
+        record_as, metrics, command=command, title=title, notes=notes, tables=[table],
         series={
             "train": {"columns": head + list(TRAIN_COLUMNS), "rows": series_train},
             "eval": {"columns": head + list(EVAL_COLUMNS), "rows": series_eval},

@@ -23,18 +23,23 @@ from tqdm import tqdm
 
 from sparse_lm.data import DataConfig, PackedSequences, batch_iterator, pack_sequences, split_tokens
 from sparse_lm.data.bpe_train import corpus_tokenizer
+from sparse_lm.models.capture import split_capturing
+from sparse_lm.models.config import ThresholdTarget
+from sparse_lm.models.ffn import CapturePoint
 from sparse_lm.models.loading import WeightSource, build_model
 from sparse_lm.models.transformer import Transformer, count_params
 from sparse_lm.results import current_command
+from sparse_lm.roofline.calibrate import measure_matmul_flops
 from sparse_lm.tracking import make_tracker
 from sparse_lm.tracking.base import to_jsonable
-from sparse_lm.train.checkpoint import Checkpointer, save_run_metadata
-from sparse_lm.train.config import TokenizerSource, TrainRunConfig
+from sparse_lm.train.checkpoint import Checkpointer, read_model_config, save_run_metadata
+from sparse_lm.train.config import TokenizerSource, Trainable, TrainRunConfig
 from sparse_lm.train.evaluate import EvalResult, combine, evaluate, evaluate_top_k, model_from_state
 from sparse_lm.train.optim import l1_coefficient, learning_rate_schedule, make_optimizer
 from sparse_lm.train.parallel import check_divisible, data_mesh, micro_batch_sharding, replicated
 from sparse_lm.train.report import write_train_result
-from sparse_lm.train.step import init_state, make_train_step, split_model
+from sparse_lm.train.step import Teacher, init_state, make_train_step, split_model
+from sparse_lm.train.swap import calibrate_gate_thresholds, configure_swap, swapped_layers
 from sparse_lm.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -92,6 +97,32 @@ def build_tokenizer_and_model(cfg: TrainRunConfig):
     return model, tokenizer
 
 
+def original_model(cfg: TrainRunConfig) -> Transformer | None:
+    """The pretrained model before its activation swap (teacher, calibration, baseline); None when nothing is
+    swapped."""
+    spec = cfg.model
+    if spec.activation is None or cfg.tokenizer.source is TokenizerSource.train_bpe:
+        return None
+    if spec.source is WeightSource.random and not (cfg.distill.enabled or cfg.swap.stages > 1 or
+                                                    cfg.swap.target_sparsity is not None):
+        return None  # a random model's "original" is only needed as a teacher or for calibration
+    original, _ = build_model(dataclasses.replace(spec, activation=None, ffn_thresholds=None, ffn_threshold_on=None))
+    if original.config.activation is spec.activation and spec.ffn_thresholds is None and \
+            cfg.swap.target_sparsity is None:
+        return None
+    return original
+
+
+def swap_thresholds(cfg: TrainRunConfig, run_dir: Path, resuming: bool, original: Transformer,
+                    train_rows: np.ndarray) -> tuple[float, ...]:
+    """The calibrated gate thresholds: those saved with the run when resuming, else calibrated now."""
+    if resuming:
+        saved = read_model_config(run_dir).ffn_thresholds
+        if saved is not None:
+            return saved
+    return calibrate_gate_thresholds(original, train_rows, cfg.model.activation, cfg.swap, cfg.eval.batch_size)
+
+
 def token_rows(corpora: list[DataConfig], tokenizer, seq_len: int, limit: int | None, progress: bool) -> np.ndarray:
     """Each corpus's stream (up to `limit` tokens) packed into rows of seq_len, corpora concatenated."""
     rows = []
@@ -143,8 +174,13 @@ def run(cfg: TrainRunConfig, run_dir: str | Path) -> dict[str, Any]:
         check_resumable(run_dir, cfg)
     atomic_write_json(run_dir / CONFIG_FILE, to_jsonable(cfg))
     model, tokenizer = build_tokenizer_and_model(cfg)
-    save_run_metadata(run_dir, model.config, tokenizer)
     train_rows = token_rows(cfg.train_corpora(), tokenizer, t.seq_len, None, t.progress)
+    original = original_model(cfg)
+    if cfg.swap.target_sparsity is not None:
+        thresholds = swap_thresholds(cfg, run_dir, checkpointer.latest_step() is not None, original, train_rows)
+        model, _ = build_model(dataclasses.replace(cfg.model, ffn_thresholds=thresholds,
+                                                   ffn_threshold_on=ThresholdTarget.gate))
+    save_run_metadata(run_dir, model.config, tokenizer)
     val_sets = {
         data.corpus.value: token_rows([data], tokenizer, t.seq_len, cfg.eval.tokens, t.progress)
         for data in cfg.validation_corpora()
@@ -156,18 +192,42 @@ def run(cfg: TrainRunConfig, run_dir: str | Path) -> dict[str, Any]:
     check_divisible(micro_rows, mesh)
     tx = make_optimizer(cfg.optim, t.steps)
     lr_at = learning_rate_schedule(cfg.optim, t.steps)
-    graphdef, params, rest = split_model(model)
-    state = init_state(params, tx, t.seed)
+    ffn_only = t.trainable is Trainable.ffn
+    d = cfg.distill
+    points = (CapturePoint.ffn_hidden,) + ((CapturePoint.ffn_output,) if d.ffn_weight > 0 else ())
+    graphdef, params, rest = split_model(model, points)
+    state = init_state(params, tx, t.seed, ffn_only)
     start = checkpointer.latest_step() or 0
     if start:
         state, meta = checkpointer.restore(state)
         log.info("resumed %s at step %d (batch %d)", run_dir, start, meta["data_batch"])
     state = jax.device_put(state, replicated(mesh))
-    step_fn = make_train_step(graphdef, rest, tx, model.config)
+    teacher = None
+    if d.enabled:
+        teacher_points = (CapturePoint.ffn_output,) if d.ffn_weight > 0 else ()
+        teacher = Teacher(*split_capturing(original, teacher_points))
+        teacher = Teacher(teacher.graphdef, jax.device_put(teacher.state, replicated(mesh)))
+
+    def build_step(swapped: np.ndarray):
+        """The graph and jitted step for the layers swapped so far (a staged swap rebuilds them per stage)."""
+        if original is not None and cfg.swap.stages > 1:
+            configure_swap(model, swapped, original.config.activation)
+        graph, _, non_params = split_model(model, points)
+        step_function = make_train_step(
+            graph, non_params, tx, model.config, teacher=teacher, kl_weight=d.kl_weight, ce_weight=d.ce_weight,
+            temperature=d.temperature, ffn_weight=d.ffn_weight, trainable_ffn_only=ffn_only,
+        )
+        return graph, non_params, step_function
+
+    swapped = swapped_layers(cfg.swap, model.config.n_layers, start)
+    graphdef, rest, step_fn = build_step(swapped)
     batch_sharding = micro_batch_sharding(mesh)
     history = History(run_dir / HISTORY_FILE, start)
     tracker = make_tracker(cfg.tracker, run_dir, run_config=to_jsonable(cfg), run_name=cfg.name)
     n_params = count_params(model)
+    # Model FLOPs per trained token: 6 N for the student's forward and backward, 2 N for the teacher's forward.
+    flops_per_token = 6 * n_params + (2 * count_params(original) if teacher is not None else 0)
+    matmul_peak = measure_matmul_flops()  # this machine's f32 matmul peak now, for the MFU
 
     def evaluate_now(step: int) -> EvalResult:
         current = model_from_state(graphdef, state.params, rest)
@@ -183,7 +243,7 @@ def run(cfg: TrainRunConfig, run_dir: str | Path) -> dict[str, Any]:
 
     with tracker:
         if start == 0:
-            baseline_eval(cfg, val_rows, history)
+            baseline_eval(original, cfg, val_rows, history)
             evaluate_now(0)
         batches = batch_iterator(
             PackedSequences(train_rows, np.ones(train_rows.shape, bool)), t.batch_size, shuffle=True, seed=t.seed,
@@ -192,6 +252,11 @@ def run(cfg: TrainRunConfig, run_dir: str | Path) -> dict[str, Any]:
         bar = tqdm(total=t.steps, initial=start, desc=f"train {cfg.name}", unit="step", disable=not t.progress)
         window_seconds, window_steps, train_seconds = 0.0, 0, 0.0
         for step in range(start, t.steps):
+            now_swapped = swapped_layers(cfg.swap, model.config.n_layers, step)
+            if len(now_swapped) != len(swapped):
+                swapped = now_swapped
+                graphdef, rest, step_fn = build_step(swapped)
+                log.info("step %d: %d of %d layers swapped", step, len(swapped), model.config.n_layers)
             batch = next(batches)
             shape = (t.accum_steps, micro_rows, t.seq_len)
             tokens = jax.device_put(batch.tokens.reshape(shape), batch_sharding)
@@ -224,7 +289,8 @@ def run(cfg: TrainRunConfig, run_dir: str | Path) -> dict[str, Any]:
                     "kind": "train", "step": done, "tokens": done * t.tokens_per_step, "loss": loss,
                     "l1": float(metrics.l1), "l1_coefficient": float(coefficient), "grad_norm": grad_norm,
                     "lr": float(lr_at(step)), "tokens_per_s": window_steps * t.tokens_per_step / window_seconds,
-                    "sparsity": float(zero_fraction.mean()),
+                    "sparsity": float(zero_fraction.mean()), "kl": float(metrics.kl),
+                    "ffn_match": float(metrics.ffn_match), "swapped_layers": len(swapped),
                 }
                 history.append({**record, "sparsity_per_layer": zero_fraction.tolist()})
                 tracker.log(
@@ -239,20 +305,17 @@ def run(cfg: TrainRunConfig, run_dir: str | Path) -> dict[str, Any]:
                 evaluate_now(done)
         bar.close()
         checkpointer.close()
+        throughput = {"devices": mesh.size, "flops_per_token": flops_per_token,
+                      "matmul_peak_gflops": max(matmul_peak, measure_matmul_flops()) / 1e9}
         summary = finish(cfg, run_dir, model_from_state(graphdef, state.params, rest), val_rows, history,
-                         n_params, train_seconds)
-        summary["devices"] = mesh.size
+                         n_params, train_seconds, throughput)
         tracker.log_summary(summary)
     return summary
 
 
-def baseline_eval(cfg: TrainRunConfig, val_rows: np.ndarray, history: History) -> None:
+def baseline_eval(original: Transformer | None, cfg: TrainRunConfig, val_rows: np.ndarray, history: History) -> None:
     """For a pretrained model whose activation was swapped: the original model's loss and sparsity."""
-    spec = cfg.model
-    if spec.source is WeightSource.random or spec.activation is None:
-        return
-    original, _ = build_model(dataclasses.replace(spec, activation=None, ffn_thresholds=None))
-    if original.config.activation is spec.activation:
+    if original is None:
         return
     result = evaluate(original, val_rows, cfg.eval.batch_size)
     history.append({**_eval_record("baseline", 0, 0, result, {}), "activation": original.config.activation.value})
@@ -260,7 +323,7 @@ def baseline_eval(cfg: TrainRunConfig, val_rows: np.ndarray, history: History) -
 
 def finish(
     cfg: TrainRunConfig, run_dir: Path, model: Transformer, val_rows: np.ndarray, history: History,
-    n_params: int, train_seconds: float,
+    n_params: int, train_seconds: float, throughput: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Final evaluations (incl. forced top-k), summary.json and the optional result record."""
     records = history.records()
@@ -277,13 +340,26 @@ def finish(
         "sparsity_per_layer": final["sparsity_per_layer"],
         **{k: v for k, v in final.items() if k.startswith("val_perplexity_")},
         "train_seconds_this_invocation": train_seconds,
+        "recipe": {
+            "kl_weight": cfg.distill.kl_weight, "ce_weight": cfg.distill.ce_weight,
+            "ffn_weight": cfg.distill.ffn_weight, "trainable": cfg.train.trainable.value,
+            "swap_stages": cfg.swap.stages, "lr": cfg.optim.lr,
+        },
     }
+    if model.config.ffn_thresholds is not None:
+        summary["ffn_thresholds"] = list(model.config.ffn_thresholds)
+        summary["ffn_threshold_on"] = model.config.ffn_threshold_on.value
     for keep in cfg.eval.topk_keep:
         result = evaluate_top_k(model, val_rows, cfg.eval.batch_size, keep)
         summary[f"perplexity_top{round((1 - keep) * 100)}"] = result.perplexity
     steps = [r for r in records if r["kind"] == "train"]
     if steps:
         summary["tokens_per_s"] = float(np.median([r["tokens_per_s"] for r in steps]))
+    summary.update(throughput or {})
+    if steps and throughput:
+        # model FLOP utilisation against the f32 matmul peak measured in this run
+        summary["mfu"] = summary["tokens_per_s"] * throughput["flops_per_token"] / (
+            throughput["matmul_peak_gflops"] * 1e9 * throughput["devices"])
     first = next((r for r in records if r["kind"] == "eval" and r["step"] == 0), None)
     if first is not None:
         summary["start_val_perplexity"], summary["start_sparsity"] = first["val_perplexity"], first["sparsity"]

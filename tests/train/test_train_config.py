@@ -126,3 +126,30 @@ def test_relufy_presets_run_one_step(preset, tmp_path):
     assert summary["start_val_perplexity"] > summary["baseline_val_perplexity"]
     result = json.loads((tmp_path / "results" / f"{preset}.json").read_text())
     assert result["metrics"]["before_val_perplexity"] == pytest.approx(summary["baseline_val_perplexity"])
+
+
+@needs_smollm2
+@pytest.mark.real_model
+@pytest.mark.parametrize(("preset", "extra"), [
+    ("relufy_smollm2_fatrelu", []),
+    ("relufy_recipe_sweep", ["recipe=kd_ffn_staged", "train.steps=2", "swap.stage_steps=1", "train.log_every=1"]),
+    ("relufy_lr_sweep", ["recipe=ce", "optim.lr=1e-4"]),
+])
+def test_fatrelu_presets_run(preset, extra, tmp_path):
+    cfg, summary = _one_step(preset, tmp_path, ["eval.topk_keep=[]", "swap.calibration_tokens=256",
+                                                "record_as=null", *extra])
+    assert cfg.model.activation.value == "reglu" and cfg.swap.target_sparsity == 0.85
+    assert summary["ffn_threshold_on"] == "gate" and len(summary["ffn_thresholds"]) == 30
+    assert summary["baseline_activation"] == "swiglu"
+    # thresholds at the 85% quantile of the original gate values: about 85% exact zeros in every swapped layer
+    swapped_share = 1 / 3 if preset == "relufy_recipe_sweep" else 1.0  # staged: 10 of 30 layers at step 0
+    assert 0.8 * swapped_share < summary["start_sparsity"] < 0.9 * swapped_share
+    assert summary["flops_per_token"] >= 6 * summary["params"] and 0 < summary["mfu"] < 1
+    if preset == "relufy_recipe_sweep":
+        history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+        assert [r["swapped_layers"] for r in history if r["kind"] == "train"] == [10, 20]
+        assert 0.8 * 2 / 3 < summary["sparsity"] < 0.9 * 2 / 3
+        assert summary["recipe"]["swap_stages"] == 3 and summary["recipe"]["ffn_weight"] == 1.0
+    if preset == "relufy_lr_sweep":
+        assert summary["recipe"] == {"kl_weight": 0.0, "ce_weight": 1.0, "ffn_weight": 0.0, "trainable": "all",
+                                     "swap_stages": 1, "lr": 1e-4}
