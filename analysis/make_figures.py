@@ -21,6 +21,7 @@ from typing import Any
 
 import figures_bench  # noqa: F401  (registers the sparse-FFN and sparse-decode benchmark figures)
 import figures_disk  # noqa: F401  (registers the disk tier figure)
+import figures_frontier  # noqa: F401  (registers the perplexity-sparsity frontier figure)
 import figures_offload  # noqa: F401  (registers the placement sweep figure)
 import figures_predictor_study  # noqa: F401  (registers the predictor scaling and sweep figures)
 import figures_predictors  # noqa: F401  (registers the activation-predictor figure)

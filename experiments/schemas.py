@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from sparse_lm.bench.decode import DecodeBenchConfig
 from sparse_lm.bench.disk_tier import DiskTierBenchConfig
 from sparse_lm.bench.ffn import FfnBenchConfig
+from sparse_lm.eval.frontier import FrontierRunConfig
 from sparse_lm.eval.run import EvalRunConfig
 from sparse_lm.offload.run import PlaceRunConfig
 from sparse_lm.predictors.run import PredictorRunConfig
@@ -44,6 +45,7 @@ def _clear_readonly(node: DictConfig) -> None:
 def register() -> None:
     store = ConfigStore.instance()
     store.store(name="eval_schema", node=schema(EvalRunConfig))
+    store.store(name="frontier_schema", node=schema(FrontierRunConfig))
     store.store(name="bench_decode_schema", node=schema(DecodeBenchConfig))
     store.store(name="bench_disk_tier_schema", node=schema(DiskTierBenchConfig))
     store.store(name="bench_ffn_schema", node=schema(FfnBenchConfig))

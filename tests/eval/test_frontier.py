@@ -1,0 +1,78 @@
+"""The frontier task on a tiny model over the real corpora: rows, measured sparsity, resume, trained rows."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from sparse_lm.eval.frontier import FrontierConfig, FrontierRunConfig, run
+from sparse_lm.models.loading import ModelSpec
+from sparse_lm.tracking import TrackerConfig
+
+pytestmark = pytest.mark.real_corpus
+
+
+def _config(tmp_path, **changes) -> FrontierRunConfig:
+    frontier = dict(methods=("teal", "stat_topk", "teal_greedy"), targets=(0.5, 0.8), tokens=512, context=64,
+                    calibration_tokens=256, sparsity_windows=2, progress=False,
+                    prompts=("In the beginning",), sample_tokens=5)
+    frontier.update(changes)
+    return FrontierRunConfig(model=ModelSpec(preset="tiny", source="random"), frontier=FrontierConfig(**frontier),
+                             tracker=TrackerConfig(kind="noop"), record_as="frontier_tiny",
+                             results_dir=str(tmp_path / "results"))
+
+
+def test_rows_sparsity_and_resume(tmp_path):
+    summary = run(_config(tmp_path), tmp_path / "run")
+    rows = {(r["method"], r["target"]): r for r in summary["rows"]}
+    assert len(rows) == 1 + 3 * 2
+    dense = rows[("dense", 0.0)]
+    assert dense["sparsity_web"] == 0.0 and dense["increase_percent_web"] == 0.0
+    for method in ("teal", "teal_greedy"):
+        for target in (0.5, 0.8):
+            # calibrated on training tokens, measured on validation tokens: close to the target, not equal
+            assert rows[(method, target)]["sparsity_web"] == pytest.approx(target, abs=0.05)
+            assert rows[(method, target)]["sparsity_pydocs"] == pytest.approx(target, abs=0.05)
+    greedy = rows[("teal_greedy", 0.8)]["layer_targets"]
+    assert np.mean(greedy) == pytest.approx(0.8, abs=0.013)
+    # the Gaussian cutoff is not calibrated: its sparsity is whatever the gate statistics give
+    assert 0.6 < rows[("stat_topk", 0.8)]["sparsity_web"] < 0.95
+    assert len(dense["samples"]) == 1 and dense["samples"][0]  # a greedy continuation of the prompt
+    record = json.loads((tmp_path / "results" / "frontier_tiny.json").read_text())
+    samples = next(t for t in record["tables"] if t["title"] == "Greedy samples")
+    assert samples["rows"] == [["dense", "In the beginning", dense["samples"][0]]]
+    assert record["metrics"]["dense_perplexity_web"] == pytest.approx(dense["perplexity_web"])
+    # a rerun reads the saved points instead of measuring again
+    point = tmp_path / "run" / "points" / "teal_50.json"
+    saved = json.loads(point.read_text())
+    saved["perplexity_web"] = 123.0
+    point.write_text(json.dumps(saved))
+    again = run(_config(tmp_path), tmp_path / "run")
+    assert next(r for r in again["rows"] if r["method"] == "teal" and r["target"] == 0.5)["perplexity_web"] == 123.0
+    with pytest.raises(ValueError, match=r"other settings \(context\)"):
+        run(_config(tmp_path, context=32), tmp_path / "run")
+
+
+def test_bad_method_and_missing_run_are_named(tmp_path):
+    with pytest.raises(ValueError, match="frontier.methods"):
+        _config(tmp_path, methods=("teal", "magic"))
+    with pytest.raises(FileNotFoundError, match="frontier.trained.mine"):
+        _config(tmp_path, trained={"mine": str(tmp_path / "nowhere")})
+
+
+def test_trained_run_is_a_row_with_its_exact_zeros_and_command(text_file, tmp_path):
+    from sparse_lm.train.run import run as train
+    from tests.train.conftest import tiny_run_config
+
+    train_summary = train(tiny_run_config(text_file, tmp_path, steps=2), tmp_path / "train")
+    summary = run(_config(tmp_path, methods=("teal",), targets=(0.5,), trained={"drelu": str(tmp_path / "train")}),
+                  tmp_path / "run")
+    row = summary["rows"][-1]
+    assert row["method"] == "drelu" and math.isnan(row["target"]) and row["activation"] == "drelu"
+    assert row["trained_tokens"] == train_summary["tokens"] and row["command"] == train_summary["command"]
+    # dReLU zeroes about three quarters of a random model's hidden values (both gate and up must be positive)
+    assert 0.6 < row["sparsity_web"] < 0.9
+    assert len(row["samples"]) == 1
