@@ -10,6 +10,7 @@ Legend: B tokens, D d_model, F d_ff, K capacity of the active set.
 from __future__ import annotations
 
 import enum
+import math
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ import numpy as np
 from jaxtyping import Array, Int
 
 from kernels_pallas import cpu
+from sparse_lm.models.config import Activation
 
 
 class Implementation(str, enum.Enum):
@@ -80,6 +82,17 @@ def check_active(indices: Int[Array, " K"], count, d_ff: int) -> None:
     values, counts = np.unique(valid, return_counts=True)
     if np.any(counts > 1):
         raise ValueError(f"duplicate active indices: {values[counts > 1][:8].tolist()}")
+
+
+def resolve_gate_threshold(gate_threshold: float | None, activation: Activation) -> float | None:
+    """A kernel's gate threshold (a neuron's activation is 0 unless |sigma(gate)| > it) as a Python float, or None
+    for no threshold (None or -inf). It is static: the Pallas kernels and the C++ twin take it as a constant.
+    Raises for an ungated activation, which has no gate to threshold."""
+    if gate_threshold is None or float(gate_threshold) == -math.inf:
+        return None
+    if not activation.gated:
+        raise ValueError(f"a gate threshold needs a gated activation, not {activation.value}")
+    return float(gate_threshold)
 
 
 def valid_mask(capacity: int, count) -> jax.Array:

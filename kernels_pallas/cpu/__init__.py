@@ -82,6 +82,11 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
+def ffi_gate_threshold(gate_threshold: float | None) -> np.float32:
+    """The FFI attribute for a gate threshold: -inf (no threshold) for None."""
+    return np.float32(-np.inf if gate_threshold is None else gate_threshold)
+
+
 def _check_f32(**arrays) -> None:
     for name, array in arrays.items():
         if array is not None and array.dtype != jnp.float32:
@@ -91,13 +96,17 @@ def _check_f32(**arrays) -> None:
 def sparse_gate_up_cpu(
     x: Float[Array, "B D"], indices: Int[Array, " K"], count: Int[Array, ""], w_gate: Float[Array, "F D"] | None,
     w_up: Float[Array, "F D"], activation: Activation, threads: int | None = None,
+    gate_threshold: float | None = None,
 ) -> Float[Array, "B K"]:
+    """kernels_pallas.sparse_gate_up (gate_threshold: a neuron's activation is 0 unless |sigma(gate)| exceeds it;
+    None or -inf: no threshold)."""
     register()
     _check_f32(x=x, w_gate=w_gate, w_up=w_up)
     gate = jnp.zeros((0, w_up.shape[1]), jnp.float32) if w_gate is None else w_gate  # empty: ungated
     call = jax.ffi.ffi_call(TARGETS["SparseGateUp"], jax.ShapeDtypeStruct((x.shape[0], indices.shape[0]), jnp.float32))
     return call(x, indices.astype(jnp.int32), jnp.reshape(count, (1,)).astype(jnp.int32), gate, w_up,
-                activation=ACTIVATION_CODES[activation], threads=threads or default_threads())
+                activation=ACTIVATION_CODES[activation], gate_threshold=ffi_gate_threshold(gate_threshold),
+                threads=threads or default_threads())
 
 
 def sparse_down_cpu(
@@ -116,9 +125,11 @@ def predict_gate_up_cpu(
     x: Float[Array, "1 D"], w1: Float[Array, "D R"], b1: Float[Array, " R"], w2: Float[Array, "R F"],
     b2: Float[Array, " F"], hidden_relu: bool, threshold: float, capacity: int, w_gate: Float[Array, "F D"] | None,
     w_up: Float[Array, "F D"], activation: Activation, threads: int | None = None,
+    gate_threshold: float | None = None,
 ) -> tuple[Float[Array, "1 K"], Int[Array, " K"], Int[Array, " 1"]]:
-    """One token with its predictor fused: the activations, ascending indices and count of the neurons whose
-    predictor logits exceed `threshold` (the first `capacity` of them), as sparse_lm.sparse.active_set picks."""
+    """One token with its predictor fused: the activations (gate threshold as in `sparse_gate_up_cpu`), ascending
+    indices and count of the neurons whose predictor logits exceed `threshold` (the first `capacity` of them), as
+    sparse_lm.sparse.active_set picks."""
     register()
     _check_f32(x=x, w1=w1, w2=w2, w_gate=w_gate, w_up=w_up)
     gate = jnp.zeros((0, w_up.shape[1]), jnp.float32) if w_gate is None else w_gate
@@ -126,7 +137,8 @@ def predict_gate_up_cpu(
         jax.ShapeDtypeStruct((1, capacity), jnp.float32), jax.ShapeDtypeStruct((capacity,), jnp.int32),
         jax.ShapeDtypeStruct((1,), jnp.int32)))
     return call(x, w1, b1, w2, b2, gate, w_up, activation=ACTIVATION_CODES[activation], hidden_relu=int(hidden_relu),
-                threshold=np.float32(threshold), threads=threads or default_threads())
+                threshold=np.float32(threshold), gate_threshold=ffi_gate_threshold(gate_threshold),
+                threads=threads or default_threads())
 
 
 def _int4_operands(rows, d_model: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -152,9 +164,11 @@ def int4_scores_cpu(x: Float[Array, "B D"], gate, up, activation: Activation, th
 def quant_sparse_ffn_cpu(
     x: Float[Array, "1 D"], gate_q, up_q, threshold: float, capacity: int, w_gate: Float[Array, "F D"] | None,
     w_up: Float[Array, "F D"], w_down: Float[Array, "F D"], activation: Activation, threads: int | None = None,
+    gate_threshold: float | None = None,
 ) -> tuple[Float[Array, "1 D"], Int[Array, " 1"]]:
     """One token: int4 scores, the first `capacity` neurons above `threshold`, and their FFN output computed exactly
-    (gate row, then the up row only where the gate passed, the down row only where the activation is not zero)."""
+    (gate row, then the up row only where the activated gate passed, i.e. relu(g) > 0 and above `gate_threshold`
+    when one is given, the down row only where the activation is not zero)."""
     register()
     _check_f32(x=x, w_gate=w_gate, w_up=w_up, w_down=w_down)
     d_model = x.shape[-1]
@@ -162,5 +176,6 @@ def quant_sparse_ffn_cpu(
     call = jax.ffi.ffi_call(TARGETS["QuantSparseFfn"], (
         jax.ShapeDtypeStruct((1, d_model), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32)))
     return call(x, *_int4_operands(gate_q, d_model), *_int4_operands(up_q, d_model), gate, w_up, w_down,
-                activation=ACTIVATION_CODES[activation], threshold=np.float32(threshold), capacity=int(capacity),
+                activation=ACTIVATION_CODES[activation], threshold=np.float32(threshold),
+                gate_threshold=ffi_gate_threshold(gate_threshold), capacity=int(capacity),
                 threads=threads or default_threads())

@@ -118,15 +118,26 @@ inline float Dot(const float* row, const float* x, int64_t n) {
 
 inline float Relu(float v) { return v > 0.f ? v : 0.f; }
 
-inline float Pair(int64_t activation, float gate, float up) {
+// The hidden activation act(gate, up), kept only where the activated gate passes the gate threshold t:
+// |sigma(gate)| > t (sparse_lm.models.ffn.thresholded_hidden with threshold_on=gate: CATS on SwiGLU, FATReLU on
+// ReGLU). t = -inf is no threshold and gives the plain pair bit for bit; ungated activations have no gate to test.
+// The test is written !(|s| <= t) so that a NaN gate still shows as NaN, as it does without a threshold.
+inline float Pair(int64_t activation, float gate, float up, float gate_threshold) {
   switch (activation) {
-    case kSwiglu: return gate / (1.f + std::exp(-gate)) * up;
-    case kReglu: return Relu(gate) * up;
-    case kDrelu: return Relu(gate) * Relu(up);
+    case kSwiglu: {
+      const float s = gate / (1.f + std::exp(-gate));
+      return std::fabs(s) <= gate_threshold ? 0.f : s * up;
+    }
+    case kReglu: { const float r = Relu(gate); return r <= gate_threshold ? 0.f : r * up; }
+    case kDrelu: { const float r = Relu(gate); return r <= gate_threshold ? 0.f : r * Relu(up); }
     case kRelu: return Relu(up);
     default: { const float r = Relu(up); return r * r; }
   }
 }
+
+// A ReLU gate (ReGLU, dReLU) is non-zero and passes gate threshold t exactly when its pre-activation g exceeds
+// max(0, t): the one compare that decides whether a neuron's up and down rows are read at all.
+inline float ReluGateFloor(float gate_threshold) { return std::max(0.f, gate_threshold); }
 
 
 // Runs body(0..parts-1) on the calling thread and XLA's intra-op pool. Parts are claimed from a shared counter,

@@ -3,8 +3,8 @@
 // group, element i of a group in the low nibble of byte i and element i + 16 in the high one, stored +8); x is
 // quantised to int8 in the same groups. A neuron's score is its quantised pre-activation over |w_row| |x|, the
 // minimum over the projections whose sign decides whether it fires. The fused call then computes exactly, in f32,
-// only the predicted neurons: the gate row first, the up row only where the gate passed, the down row only where
-// the activation is not zero.
+// only the predicted neurons: the gate row first, the up row only where the activated gate passed (relu(g) > 0 and
+// above the layer's gate threshold, if any), the down row only where the activation is not zero.
 // Legend: B tokens, D d_model, F d_ff, G = D / 32 groups.
 #include <string>
 #include <vector>
@@ -324,13 +324,14 @@ ffi::Error QuantScoresImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
 }
 
 // One token: scores, the first `capacity` neurons (ascending) scoring above `threshold`, then exactly in f32 their
-// gate rows, the up rows of those whose gate passed and the down rows of those whose activation is not zero.
+// gate rows, the up rows of those whose activated gate passed (relu(g) > max(0, gate_threshold); -inf: no gate
+// threshold) and the down rows of those whose activation is not zero.
 ffi::Error QuantSparseFfnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> qg,
                               ffi::Buffer<ffi::F32> sg, ffi::Buffer<ffi::F32> ng, ffi::Buffer<ffi::U8> qu,
                               ffi::Buffer<ffi::F32> su, ffi::Buffer<ffi::F32> nu, ffi::Buffer<ffi::F32> w_gate,
                               ffi::Buffer<ffi::F32> w_up, ffi::Buffer<ffi::F32> w_down, int64_t activation,
-                              float threshold, int64_t capacity, int64_t threads, ffi::ResultBuffer<ffi::F32> y,
-                              ffi::ResultBuffer<ffi::S32> count) {
+                              float threshold, float gate_threshold, int64_t capacity, int64_t threads,
+                              ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S32> count) {
   const auto up_dims = w_up.dimensions(), x_dims = x.dimensions();
   if (up_dims.size() != 2 || x_dims.size() != 2 || x_dims[0] != 1 || x_dims[1] != up_dims[1] ||
       w_down.element_count() != w_up.element_count())
@@ -360,19 +361,20 @@ ffi::Error QuantSparseFfnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   const float* down_rows = w_down.typed_data();
   float* out = y->typed_data();
   std::fill(out, out + d_model, 0.f);
+  const float gate_floor = ReluGateFloor(gate_threshold);  // gated here means ReGLU or dReLU (ReadWeights)
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(kPartsPerThread * threads, n / 16));
   std::vector<float> partial(static_cast<size_t>((parts - 1) * d_model), 0.f);  // part 0 accumulates into out
   ParallelFor(pool, threads, n == 0 ? 0 : parts, [&](int64_t part) {
     const int64_t begin = part * n / parts, end = (part + 1) * n / parts;
     // Three streaming passes over this part's neurons, each with four rows in flight and the next rows' heads
     // prefetched: gate rows; up rows behind a passing gate; down rows where the activation is not zero.
-    std::vector<int32_t> passed;  // neurons whose gate passed (all of them when ungated)
+    std::vector<int32_t> passed;  // neurons whose activated gate passed (all of them when ungated)
     std::vector<float> gates;
     if (gated) {
       std::vector<float> g(end - begin);
       RowDots(gate_rows, idx.data() + begin, end - begin, xs, d_model, g.data());
       for (int64_t k = begin; k < end; ++k)
-        if (g[k - begin] > 0.f) {
+        if (g[k - begin] > gate_floor) {
           passed.push_back(idx[k]);
           gates.push_back(g[k - begin]);
         }
@@ -385,7 +387,7 @@ ffi::Error QuantSparseFfnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
     std::vector<float> coef;
     std::vector<const float*> rows;
     for (size_t j = 0; j < passed.size(); ++j) {
-      const float a = Pair(activation, gates[j], ups[j]);
+      const float a = Pair(activation, gates[j], ups[j], gate_threshold);
       if (a != 0.f) {
         coef.push_back(a);
         rows.push_back(down_rows + static_cast<int64_t>(passed[j]) * d_model);
@@ -437,6 +439,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QuantSparseFfn, QuantSparseFfnImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w_down [F, D]
                                   .Attr<int64_t>("activation")
                                   .Attr<float>("threshold")
+                                  .Attr<float>("gate_threshold")  // -inf: none
                                   .Attr<int64_t>("capacity")
                                   .Attr<int64_t>("threads")
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [1, D]

@@ -32,7 +32,7 @@ ffi::Error ActiveCount(ffi::Buffer<ffi::S32>& indices, ffi::Buffer<ffi::S32>& co
 // hidden[b, k] for the first n entries of idx (0 for the padding up to capacity), split over the pool
 void GateUpRows(ffi::ThreadPool& pool, int64_t threads, const float* xs, int64_t tokens, int64_t d_model,
                 const int32_t* idx, int64_t n, int64_t capacity, const float* gate_rows, const float* up_rows,
-                int64_t activation, float* out) {
+                int64_t activation, float gate_threshold, float* out) {
   const bool gated = gate_rows != nullptr;
   for (int64_t k = n; k < capacity; ++k)  // padding
     for (int64_t b = 0; b < tokens; ++b) out[b * capacity + k] = 0.f;
@@ -54,8 +54,8 @@ void GateUpRows(ffi::ThreadPool& pool, int64_t threads, const float* xs, int64_t
         }
         float sums[4];
         DotPair2(g0, u0, g1, u1, xs, d_model, sums);
-        out[k] = Pair(activation, sums[0], sums[1]);
-        out[k + 1] = Pair(activation, sums[2], sums[3]);
+        out[k] = Pair(activation, sums[0], sums[1], gate_threshold);
+        out[k + 1] = Pair(activation, sums[2], sums[3], gate_threshold);
       }
     }
     for (; k < end; ++k) {
@@ -73,16 +73,18 @@ void GateUpRows(ffi::ThreadPool& pool, int64_t threads, const float* xs, int64_t
         } else {
           up = Dot(up_row, xb, d_model);
         }
-        out[b * capacity + k] = Pair(activation, gate, up);
+        out[b * capacity + k] = Pair(activation, gate, up, gate_threshold);
       }
     }
   });
 }
 
-// hidden[b, k] = act(W_gate[idx[k]] . x[b], W_up[idx[k]] . x[b]); an empty w_gate means an ungated FFN.
+// hidden[b, k] = act(W_gate[idx[k]] . x[b], W_up[idx[k]] . x[b]), 0 where the activated gate does not pass
+// gate_threshold (-inf: none); an empty w_gate means an ungated FFN.
 ffi::Error SparseGateUpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> indices,
                             ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::F32> w_gate, ffi::Buffer<ffi::F32> w_up,
-                            int64_t activation, int64_t threads, ffi::ResultBuffer<ffi::F32> hidden) {
+                            int64_t activation, float gate_threshold, int64_t threads,
+                            ffi::ResultBuffer<ffi::F32> hidden) {
   const auto up_dims = w_up.dimensions();
   const auto x_dims = x.dimensions();
   if (up_dims.size() != 2 || x_dims.size() != 2 || x_dims[1] != up_dims[1])
@@ -98,19 +100,21 @@ ffi::Error SparseGateUpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   const float* gate_rows = gated ? w_gate.typed_data() : nullptr;
   const float* up_rows = w_up.typed_data();
   float* out = hidden->typed_data();
-  GateUpRows(pool, threads, xs, tokens, d_model, idx, n, capacity, gate_rows, up_rows, activation, out);
+  GateUpRows(pool, threads, xs, tokens, d_model, idx, n, capacity, gate_rows, up_rows, activation, gate_threshold,
+             out);
   return ffi::Error::Success();
 }
 
 // One token, predictor fused: logits = act(x W1 + b1) W2 + b2 (W1 [D, R], W2 [R, F]: the predictor as stored), the
 // neurons with logits above the threshold compacted into ascending indices (the first K when more are predicted,
-// as sparse_lm.sparse.active_set does), then their activations. Avoids XLA's small ops between the predictor,
+// as sparse_lm.sparse.active_set does), then their activations (gate_threshold as in SparseGateUp). Avoids XLA's small ops between the predictor,
 // the compaction and the kernel, which cost more than the predictor's bytes here.
 ffi::Error PredictGateUpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w1,
                              ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> w2, ffi::Buffer<ffi::F32> b2,
                              ffi::Buffer<ffi::F32> w_gate, ffi::Buffer<ffi::F32> w_up, int64_t activation,
-                             int64_t hidden_relu, float threshold, int64_t threads, ffi::ResultBuffer<ffi::F32> hidden,
-                             ffi::ResultBuffer<ffi::S32> indices, ffi::ResultBuffer<ffi::S32> count) {
+                             int64_t hidden_relu, float threshold, float gate_threshold, int64_t threads,
+                             ffi::ResultBuffer<ffi::F32> hidden, ffi::ResultBuffer<ffi::S32> indices,
+                             ffi::ResultBuffer<ffi::S32> count) {
   const auto w1_dims = w1.dimensions(), w2_dims = w2.dimensions(), up_dims = w_up.dimensions();
   if (w1_dims.size() != 2 || w2_dims.size() != 2 || up_dims.size() != 2 || x.element_count() != w1_dims[0] ||
       w2_dims[0] != w1_dims[1] || w2_dims[1] != up_dims[0] || up_dims[1] != w1_dims[0] ||
@@ -142,7 +146,7 @@ ffi::Error PredictGateUpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
   for (int64_t k = n; k < capacity; ++k) idx[k] = 0;
   count->typed_data()[0] = static_cast<int32_t>(n);
   GateUpRows(pool, threads, xs, 1, d_model, idx, n, capacity, gated ? w_gate.typed_data() : nullptr,
-             w_up.typed_data(), activation, hidden->typed_data());
+             w_up.typed_data(), activation, gate_threshold, hidden->typed_data());
   return ffi::Error::Success();
 }
 
@@ -221,6 +225,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseGateUp, SparseGateUpImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w_gate [F, D], or [0, D] when ungated
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w_up [F, D]
                                   .Attr<int64_t>("activation")
+                                  .Attr<float>("gate_threshold")  // -inf: none
                                   .Attr<int64_t>("threads")
                                   .Ret<ffi::Buffer<ffi::F32>>());  // hidden [B, K]
 
@@ -237,6 +242,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PredictGateUp, PredictGateUpImpl,
                                   .Attr<int64_t>("activation")
                                   .Attr<int64_t>("hidden_relu")
                                   .Attr<float>("threshold")
+                                  .Attr<float>("gate_threshold")  // -inf: none
                                   .Attr<int64_t>("threads")
                                   .Ret<ffi::Buffer<ffi::F32>>()  // hidden [1, K]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // indices [K]

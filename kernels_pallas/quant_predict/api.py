@@ -11,7 +11,7 @@ import jax
 from jaxtyping import Array, Float, Int
 
 from kernels_pallas import cpu
-from kernels_pallas.common import Implementation
+from kernels_pallas.common import Implementation, resolve_gate_threshold
 from kernels_pallas.quant_predict.reference import (
     Int4Rows,
     capped_mask,
@@ -46,14 +46,19 @@ def int4_scores(
 def quant_sparse_ffn(
     x: Float[Array, "B D"], gate_q: Int4Rows | None, up_q: Int4Rows | None, threshold: float, capacity: int,
     w_gate: Float[Array, "F D"] | None, w_up: Float[Array, "F D"], w_down: Float[Array, "F D"],
-    activation: Activation | str, *, implementation: Implementation | str = Implementation.auto,
+    activation: Activation | str, *, gate_threshold: float | None = None,
+    implementation: Implementation | str = Implementation.auto,
 ) -> tuple[Float[Array, "B D"], Int[Array, " B"]]:
-    """FFN output of the neurons the int4 predictor selects (at most `capacity` per token), and how many it
-    selected per token. The C++ twin takes one token; the reference any number."""
+    """FFN output of the neurons the int4 predictor selects (at most `capacity` per token), each zero unless its
+    activated gate passes `gate_threshold` (the layer's FATReLU threshold, a Python float; None or -inf: none), and
+    how many it selected per token. The C++ twin takes one token; the reference any number."""
+    activation = Activation(activation)
+    gate_threshold = resolve_gate_threshold(gate_threshold, activation)
     if choose(implementation) is Implementation.ffi and x.shape[0] == 1:
-        y, count = cpu.quant_sparse_ffn_cpu(x, gate_q, up_q, threshold, capacity, w_gate, w_up, w_down,
-                                            Activation(activation))
+        y, count = cpu.quant_sparse_ffn_cpu(x, gate_q, up_q, threshold, capacity, w_gate, w_up, w_down, activation,
+                                            gate_threshold=gate_threshold)
         return y, count
     predicted = int4_scores_reference(x, gate_q, up_q) > threshold
     count = capped_mask(predicted, capacity).sum(axis=-1).astype("int32")
-    return quant_sparse_ffn_reference(x, gate_q, up_q, threshold, capacity, w_gate, w_up, w_down, activation), count
+    return quant_sparse_ffn_reference(x, gate_q, up_q, threshold, capacity, w_gate, w_up, w_down, activation,
+                                      gate_threshold=gate_threshold), count

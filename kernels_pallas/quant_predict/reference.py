@@ -110,8 +110,9 @@ def capped_mask(predicted: Bool[Array, "... F"], capacity: int) -> Bool[Array, "
 def quant_sparse_ffn_reference(
     x: Float[Array, "B D"], gate_q: Int4Rows | None, up_q: Int4Rows | None, threshold: float, capacity: int,
     w_gate: Float[Array, "F D"] | None, w_up: Float[Array, "F D"], w_down: Float[Array, "F D"],
-    activation: Activation | str,
+    activation: Activation | str, *, gate_threshold: float | None = None,
 ) -> Float[Array, "B D"]:
-    """The dense FFN keeping, per token, the first `capacity` neurons scoring above `threshold`."""
+    """The dense FFN keeping, per token, the first `capacity` neurons scoring above `threshold`, and of those only
+    the ones whose activated gate passes `gate_threshold` (None: no gate threshold)."""
     mask = capped_mask(int4_scores_reference(x, gate_q, up_q) > threshold, capacity)
-    return masked_dense_ffn(x, mask, w_gate, w_up, w_down, Activation(activation))
+    return masked_dense_ffn(x, mask, w_gate, w_up, w_down, Activation(activation), gate_threshold=gate_threshold)

@@ -24,13 +24,15 @@ def sparse_ffn(
     activation: Activation | str,
     *,
     token_mask: Bool[Array, "B K"] | None = None,
+    gate_threshold: float | None = None,
     implementation: Implementation | str = Implementation.auto,
     interpret: bool | None = None,
 ) -> Float[Array, "B D"] | Float[Array, " D"]:
-    """FFN output computing only neurons indices[:count] (each token only those its `token_mask` keeps).
+    """FFN output computing only neurons indices[:count] (each token only those its `token_mask` keeps, and with
+    `gate_threshold` only those whose |sigma(gate)| exceeds it: see sparse_gate_up).
 
     All three matrices are stored [F, D]; reads K/F of the FFN's weight bytes.
     """
     hidden = sparse_gate_up(x, indices, count, w_gate, w_up, activation, token_mask=token_mask,
-                            implementation=implementation, interpret=interpret)
+                            gate_threshold=gate_threshold, implementation=implementation, interpret=interpret)
     return sparse_down(hidden, indices, count, w_down, implementation=implementation, interpret=interpret)

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from kernels_pallas.common import valid_mask
-from sparse_lm.models.config import Activation
-from sparse_lm.models.ffn import activation_pair
+from sparse_lm.models.config import Activation, ThresholdTarget
+from sparse_lm.models.ffn import thresholded_hidden
 
 
 def active_neuron_mask(indices: Int[Array, " K"], count, d_ff: int, token_mask: Bool[Array, "B K"] | None = None,
@@ -28,11 +28,15 @@ def active_neuron_mask(indices: Int[Array, " K"], count, d_ff: int, token_mask: 
 
 def masked_dense_ffn(
     x: Float[Array, "B D"], neuron_mask: Bool[Array, "B F"], w_gate: Float[Array, "F D"] | None,
-    w_up: Float[Array, "F D"], w_down: Float[Array, "F D"], activation: Activation,
+    w_up: Float[Array, "F D"], w_down: Float[Array, "F D"], activation: Activation, *,
+    gate_threshold: float | None = None,
 ) -> Float[Array, "B D"]:
+    """The dense FFN with each token's neurons outside `neuron_mask` zeroed, and with `gate_threshold` t those
+    whose |sigma(gate)| <= t (None: no threshold)."""
     activation = Activation(activation)
     highest = jax.lax.Precision.HIGHEST
     up = jnp.einsum("bd,fd->bf", x, w_up, precision=highest)
     gate = None if w_gate is None else jnp.einsum("bd,fd->bf", x, w_gate, precision=highest)
-    hidden = jnp.where(neuron_mask, activation_pair(activation, gate, up), 0.0)
+    hidden = jnp.where(neuron_mask, thresholded_hidden(activation, gate, up, gate_threshold, ThresholdTarget.gate),
+                       0.0)
     return jnp.dot(hidden, w_down, precision=highest)

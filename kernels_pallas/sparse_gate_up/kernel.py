@@ -18,11 +18,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 from jaxtyping import Array, Float, Int
 
-from sparse_lm.models.config import Activation
-from sparse_lm.models.ffn import activation_pair
+from sparse_lm.models.config import Activation, ThresholdTarget
+from sparse_lm.models.ffn import thresholded_hidden
 
 
-def _kernel(x_ref, indices_ref, count_ref, *refs, block: int, chunk: int, gated: bool, activation: Activation):
+def _kernel(x_ref, indices_ref, count_ref, *refs, block: int, chunk: int, gated: bool, activation: Activation,
+            gate_threshold: float | None):
     weight_refs, out_ref = refs[:-1], refs[-1]
     program = pl.program_id(0)
     count = count_ref[0]
@@ -46,7 +47,7 @@ def _kernel(x_ref, indices_ref, count_ref, *refs, block: int, chunk: int, gated:
         zeros = tuple(jnp.zeros((n_tokens, block), jnp.float32) for _ in weight_refs)
         sums = lax.fori_loop(0, d_model // chunk, step, zeros)
         gate, up = sums if gated else (None, sums[0])
-        hidden = activation_pair(activation, gate, up)
+        hidden = thresholded_hidden(activation, gate, up, gate_threshold, ThresholdTarget.gate)
         out_ref[...] = jnp.where(valid[None, :], hidden, 0.0).astype(out_ref.dtype)
 
 
@@ -61,15 +62,18 @@ def sparse_gate_up_kernel(
     block: int,
     chunk: int,
     interpret: bool,
+    gate_threshold: float | None = None,
     num_warps: int = 4,
 ) -> Float[Array, "B K"]:
-    """The Pallas call; K must be a multiple of `block` and D of `chunk` (api.py pads and picks them)."""
+    """The Pallas call; K must be a multiple of `block` and D of `chunk` (api.py pads and picks them).
+    `gate_threshold` (a Python float, or None for none) zeroes a neuron unless |sigma(gate)| exceeds it."""
     n_tokens, d_model = x.shape
     capacity = indices.shape[0]
     if capacity % block or d_model % chunk:
         raise ValueError(f"capacity {capacity} / d_model {d_model} not multiples of block {block} / chunk {chunk}")
     weights = (w_up,) if w_gate is None else (w_gate, w_up)
-    kernel = functools.partial(_kernel, block=block, chunk=chunk, gated=w_gate is not None, activation=activation)
+    kernel = functools.partial(_kernel, block=block, chunk=chunk, gated=w_gate is not None, activation=activation,
+                               gate_threshold=gate_threshold)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((n_tokens, capacity), jnp.float32),

@@ -34,7 +34,8 @@ class HostDenseExecutor(nnx.Module):
 
     def __call__(self, ffn, x: Float[Array, "B L D"]) -> Float[Array, "B L D"]:
         weights = (None if ffn.w_gate is None else ffn.w_gate[...], ffn.w_up[...], ffn.w_down[...])
-        return to_device(host_dense_ffn(to_host(x), *weights, activation=ffn.activation, threshold=ffn.threshold))
+        return to_device(host_dense_ffn(to_host(x), *weights, activation=ffn.activation, threshold=ffn.threshold,
+                                        threshold_on=ffn.threshold_on))
 
 
 class StreamedExecutor(nnx.Module):
@@ -44,7 +45,7 @@ class StreamedExecutor(nnx.Module):
     def __call__(self, ffn, x: Float[Array, "B L D"]) -> Float[Array, "B L D"]:
         w_gate, w_up, w_down = to_device((None if ffn.w_gate is None else ffn.w_gate[...], ffn.w_up[...],
                                           ffn.w_down[...]))
-        return ffn_hidden(x, w_gate, w_up, ffn.activation, ffn.threshold) @ w_down
+        return ffn_hidden(x, w_gate, w_up, ffn.activation, ffn.threshold, ffn.threshold_on) @ w_down
 
 
 def _check_dense(model) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from kernels_pallas.cpu import ACTIVATION_CODES, default_threads, int4_scores_cpu
+from kernels_pallas.cpu import ACTIVATION_CODES, default_threads, ffi_gate_threshold, int4_scores_cpu
 from kernels_pallas.quant_predict import capped_mask
 from sparse_lm.models.capture import capture_forward, split_capturing
 from sparse_lm.models.config import Activation
@@ -20,11 +20,13 @@ from sparse_lm.models.ffn import CapturePoint
 from sparse_lm.offload.disk import library
 from sparse_lm.offload.disk_cache import DiskTier
 from sparse_lm.predictors.quantized import Int4Predictor, Int4PredictorSet
+from sparse_lm.sparse.engine import gate_threshold_of
 
 
 def disk_tier_ffn(x: Float[Array, "1 D"], scores: Float[Array, "1 F"], tier: int, layer: int, threshold: float,
-                  capacity: int, activation: Activation) -> Float[Array, "1 D"]:
-    """One layer's FFN output for one token: the first `capacity` neurons scoring above `threshold`, from `tier`."""
+                  capacity: int, activation: Activation, gate_threshold: float | None = None) -> Float[Array, "1 D"]:
+    """One layer's FFN output for one token: the first `capacity` neurons scoring above `threshold`, from `tier`,
+    each zero unless its activated gate passes `gate_threshold` (None: no gate threshold)."""
     library()
     # Not marked side-effecting although the tier's state changes: every call's output feeds the next layer, so XLA
     # can neither drop nor reorder it, and side-effecting calls made the whole decode step ~30% slower here (32 vs
@@ -32,7 +34,7 @@ def disk_tier_ffn(x: Float[Array, "1 D"], scores: Float[Array, "1 F"], tier: int
     call = jax.ffi.ffi_call("sparse_lm_disk_tier_ffn", jax.ShapeDtypeStruct(x.shape, jnp.float32))
     return call(x, scores, tier=np.int64(tier), layer=np.int64(layer), threshold=np.float32(threshold),
                 capacity=np.int64(capacity), activation=np.int64(ACTIVATION_CODES[Activation(activation)]),
-                threads=np.int64(default_threads()))
+                gate_threshold=ffi_gate_threshold(gate_threshold), threads=np.int64(default_threads()))
 
 
 def disk_tier_prefetch(h: Float[Array, "1 D"], scores: Float[Array, "1 F"], tier: int, layer: int, threshold: float,
@@ -61,7 +63,8 @@ class DiskTierExecutor(nnx.Module):
                              f"shape {x.shape}")
         p = self.predictor
         scores = int4_scores_cpu(x[0], p.gate, p.up, p.activation)
-        return disk_tier_ffn(x[0], scores, self.tier, self.layer, self.threshold, self.capacity, p.activation)[None]
+        return disk_tier_ffn(x[0], scores, self.tier, self.layer, self.threshold, self.capacity, p.activation,
+                             gate_threshold_of(ffn))[None]
 
 
 class ReadAheadBlock(nnx.Module):

@@ -586,10 +586,12 @@ class NaiveLayers : public Tier {
 };
 
 // out = sum over the predicted neurons of act(gate . x, up . x) * down, exactly as QuantSparseFfnImpl computes it
-// (parts of the index list, three passes per part with rows in groups of four, parts summed in order).
+// (parts of the index list, three passes per part with rows in groups of four, parts summed in order; the gate
+// threshold, -inf for none, decides which up rows are read, as there).
 void BundleFfn(ffi::ThreadPool& pool, int64_t threads, const float* xs, const float* const* bundles, int64_t n,
-               int64_t d_model, int64_t activation, bool gated, float* out) {
+               int64_t d_model, int64_t activation, float gate_threshold, bool gated, float* out) {
   const int64_t up_at = gated ? d_model : 0, down_at = up_at + d_model;
+  const float gate_floor = ReluGateFloor(gate_threshold);  // gated bundles are ReGLU or dReLU (int4 predictors)
   std::fill(out, out + d_model, 0.f);
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(kPartsPerThread * threads, n / 16));
   std::vector<float> partial(static_cast<size_t>((parts - 1) * d_model), 0.f);  // part 0 accumulates into out
@@ -605,14 +607,14 @@ void BundleFfn(ffi::ThreadPool& pool, int64_t threads, const float* xs, const fl
   };
   ParallelFor(pool, threads, n == 0 ? 0 : parts, [&](int64_t part) {
     const int64_t begin = part * n / parts, end = (part + 1) * n / parts;
-    std::vector<const float*> passed;  // bundles whose gate passed (all of them when ungated)
+    std::vector<const float*> passed;  // bundles whose activated gate passed (all of them when ungated)
     std::vector<float> gates;
     if (gated) {
       std::vector<const float*> all(bundles + begin, bundles + end);
       std::vector<float> g(end - begin);
       dots(all, 0, g.data());
       for (int64_t k = 0; k < end - begin; ++k)
-        if (g[k] > 0.f) {
+        if (g[k] > gate_floor) {
           passed.push_back(all[k]);
           gates.push_back(g[k]);
         }
@@ -625,7 +627,7 @@ void BundleFfn(ffi::ThreadPool& pool, int64_t threads, const float* xs, const fl
     std::vector<float> coef;
     std::vector<const float*> rows;
     for (size_t j = 0; j < passed.size(); ++j) {
-      const float a = Pair(activation, gates[j], ups[j]);
+      const float a = Pair(activation, gates[j], ups[j], gate_threshold);
       if (a != 0.f) {
         coef.push_back(a);
         rows.push_back(passed[j] + down_at);
@@ -649,7 +651,7 @@ void BundleFfn(ffi::ThreadPool& pool, int64_t threads, const float* xs, const fl
 // tier, then their FFN output.
 ffi::Error DiskTierFfnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scores,
                            int64_t tier, int64_t layer, float threshold, int64_t capacity, int64_t activation,
-                           int64_t threads, ffi::ResultBuffer<ffi::F32> y) {
+                           float gate_threshold, int64_t threads, ffi::ResultBuffer<ffi::F32> y) {
   Tier* t = reinterpret_cast<Tier*>(tier);
   const Geometry& g = t->geometry();
   if (x.element_count() != static_cast<size_t>(g.d_model) || scores.element_count() != static_cast<size_t>(g.d_ff))
@@ -665,7 +667,8 @@ ffi::Error DiskTierFfnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   if (std::string e = t->Resolve(layer, idx.data(), n, bundles.data()); !e.empty())
     return ffi::Error::Internal("disk tier: " + e);
   const int64_t start = NowNs();
-  BundleFfn(pool, threads, x.typed_data(), bundles.data(), n, g.d_model, activation, g.rows == 3, y->typed_data());
+  BundleFfn(pool, threads, x.typed_data(), bundles.data(), n, g.d_model, activation, gate_threshold, g.rows == 3,
+            y->typed_data());
   Stats& stats = t->mutable_stats();
   stats.ffn_ns += NowNs() - start;
   ++stats.calls;
@@ -726,6 +729,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DiskTierFfn, DiskTierFfnImpl,
                                   .Attr<float>("threshold")
                                   .Attr<int64_t>("capacity")
                                   .Attr<int64_t>("activation")
+                                  .Attr<float>("gate_threshold")  // -inf: none
                                   .Attr<int64_t>("threads")
                                   .Ret<ffi::Buffer<ffi::F32>>());  // y [1, D]
 

@@ -16,7 +16,7 @@ from jaxtyping import Array, Bool, Float, Int
 from kernels_pallas import Implementation, sparse_ffn
 from kernels_pallas import cpu as cpu_kernels
 from kernels_pallas.quant_predict import capped_mask
-from sparse_lm.models.config import Activation
+from sparse_lm.models.config import Activation, ThresholdTarget
 from sparse_lm.offload.memory_tiers import (
     DEVICE,
     PINNED_HOST,
@@ -30,7 +30,7 @@ from sparse_lm.offload.memory_tiers import (
 )
 from sparse_lm.predictors.module import PredictorSet
 from sparse_lm.predictors.quantized import Int4PredictorSet
-from sparse_lm.sparse.engine import active_mask
+from sparse_lm.sparse.engine import active_mask, gate_threshold_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,18 +106,21 @@ def compact(keep: Bool[Array, " F"], capacity: int) -> tuple[Int[Array, " K"], I
 def device_rows_ffn(
     implementation: Implementation, x: Float[Array, "B D"], rows: Int[Array, " K"], count: Int[Array, ""],
     w_gate: Float[Array, "F D"] | None, w_up: Float[Array, "F D"], w_down: Float[Array, "F D"], activation: Activation,
+    gate_threshold: float | None = None,
 ) -> Float[Array, "B D"]:
     """sparse_ffn with its kernels chosen per lowering platform (lax.platform_dependent), not by the default backend:
     the same traced step then runs on this CPU and lowers for CUDA."""
     args = (x, rows, count, w_gate, w_up, w_down)
 
     def kernels(which: Implementation, interpret: bool | None = None):
-        return lambda *a: sparse_ffn(*a, activation, implementation=which, interpret=interpret)
+        return lambda *a: sparse_ffn(*a, activation, gate_threshold=gate_threshold, implementation=which,
+                                     interpret=interpret)
 
     def cpp(x, rows, count, w_gate, w_up, w_down):
         # the C++ twin called directly: sparse_ffn(implementation=ffi) refuses to trace on a GPU host, and every
         # platform_dependent branch is traced wherever the step is
-        hidden = cpu_kernels.sparse_gate_up_cpu(x, rows, count, w_gate, w_up, activation)
+        hidden = cpu_kernels.sparse_gate_up_cpu(x, rows, count, w_gate, w_up, activation,
+                                                gate_threshold=gate_threshold)
         return cpu_kernels.sparse_down_cpu(hidden, rows, count, w_down)
 
     if implementation is Implementation.xla:
@@ -161,36 +164,39 @@ class HybridExecutor(nnx.Module):
     def __call__(self, ffn, x: Float[Array, "B L D"]) -> Float[Array, "B L D"]:
         mask = active_mask(self.predictor(x), self.threshold, self.capacity)  # the sparse engine's neurons
         if x.shape[:-1] == (1, 1):
-            return self._one_token(x[0], mask[0, 0])[None]
-        return self._dense(x, mask, ffn.threshold)
+            return self._one_token(x[0], mask[0, 0], gate_threshold_of(ffn))[None]
+        return self._dense(x, mask, ffn.threshold, ffn.threshold_on)
 
     def _sides(self):
         return [(rows, capacity) for rows, capacity in ((self.hot, self.hot_capacity), (self.cold, self.cold_capacity))
                 if rows is not None and capacity > 0]
 
-    def _one_token(self, x: Float[Array, "1 D"], mask: Bool[Array, " F"]) -> Float[Array, "1 D"]:
+    def _one_token(self, x: Float[Array, "1 D"], mask: Bool[Array, " F"], gate_threshold: float | None
+                   ) -> Float[Array, "1 D"]:
         y = jnp.zeros_like(x)
         for rows, capacity in self._sides():
             indices, count = compact(mask[rows.neurons[...]], capacity)
             if rows is self.hot:
-                y = y + device_rows_ffn(self.implementation, x, indices, count, *rows.weights(), self.activation)
+                y = y + device_rows_ffn(self.implementation, x, indices, count, *rows.weights(), self.activation,
+                                        gate_threshold)
             else:
                 keep = (jnp.arange(capacity) < count).astype(x.dtype)  # made on the device: see memory_tiers
                 y = y + to_device(host_rows_ffn(*to_host((x, indices, keep)), *rows.weights(),
-                                                activation=self.activation))
+                                                activation=self.activation, gate_threshold=gate_threshold))
         return y
 
-    def _dense(self, x: Float[Array, "B L D"], mask: Bool[Array, "B L F"], threshold: float | None
-               ) -> Float[Array, "B L D"]:
+    def _dense(self, x: Float[Array, "B L D"], mask: Bool[Array, "B L F"], threshold: float | None,
+               threshold_on: ThresholdTarget) -> Float[Array, "B L D"]:
         """Prefill / evaluation: each side dense over its rows, keeping the neurons a one-token step would."""
         y = jnp.zeros_like(x)
         for rows, capacity in self._sides():
             keep = capped_mask(mask[..., rows.neurons[...]], capacity).astype(x.dtype)
             if rows is self.hot:
-                y = y + masked_rows_ffn(x, keep, *rows.weights(), self.activation, threshold)
+                y = y + masked_rows_ffn(x, keep, *rows.weights(), self.activation, threshold, threshold_on)
             else:
                 y = y + to_device(host_masked_rows_ffn(*to_host((x, keep)), *rows.weights(),
-                                                       activation=self.activation, threshold=threshold))
+                                                       activation=self.activation, threshold=threshold,
+                                                       threshold_on=threshold_on))
         return y
 
 

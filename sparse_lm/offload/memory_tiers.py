@@ -16,8 +16,8 @@ from jax.experimental.compute_on import compute_on
 from jaxtyping import Array, Float, Int
 
 from kernels_pallas.common import export_for_gpu
-from sparse_lm.models.config import Activation
-from sparse_lm.models.ffn import activation_pair
+from sparse_lm.models.config import Activation, ThresholdTarget
+from sparse_lm.models.ffn import activation_pair, gate_activation
 from sparse_lm.models.transformer import KVCache, init_cache
 
 DEVICE = "device"
@@ -64,48 +64,60 @@ def keep_where(values: Float[Array, "... F"], keep) -> Float[Array, "... F"]:
     return values * keep.astype(values.dtype)
 
 
-def threshold_hidden(hidden: Float[Array, "... F"], threshold: float | None) -> Float[Array, "... F"]:
-    """models.ffn.apply_threshold, host-safe."""
-    return hidden if threshold is None else keep_where(hidden, jnp.abs(hidden) > threshold)
+def thresholded_hidden(
+    activation: Activation, gate: Float[Array, "... F"] | None, up: Float[Array, "... F"], threshold: float | None,
+    threshold_on: ThresholdTarget,
+) -> Float[Array, "... F"]:
+    """models.ffn.thresholded_hidden, host-safe."""
+    hidden = activation_pair(activation, gate, up)
+    if threshold is None:
+        return hidden
+    tested = gate_activation(activation, gate) if threshold_on is ThresholdTarget.gate else hidden
+    return keep_where(hidden, jnp.abs(tested) > threshold)
 
 
 def rows_ffn(
     x: Float[Array, "B D"], rows: Int[Array, " K"], keep: Float[Array, " K"], w_gate: Float[Array, "F D"] | None,
     w_up: Float[Array, "F D"], w_down: Float[Array, "F D"], activation: Activation,
+    gate_threshold: float | None = None,
 ) -> Float[Array, "B D"]:
-    """The FFN of neurons `rows` (weights stored [F, D]) scaled by `keep` (1 for the active ones, 0 for padding):
-    the sparse_ffn reference's math, host-safe."""
+    """The FFN of neurons `rows` (weights stored [F, D]) scaled by `keep` (1 for the active ones, 0 for padding),
+    each zero unless its |sigma(gate)| exceeds `gate_threshold` (None: no threshold): the sparse_ffn reference's
+    math, host-safe."""
     highest = jax.lax.Precision.HIGHEST
 
     def project(w):
         return jnp.einsum("bd,kd->bk", x, w[rows], precision=highest)
 
-    hidden = activation_pair(activation, None if w_gate is None else project(w_gate), project(w_up))
+    hidden = thresholded_hidden(activation, None if w_gate is None else project(w_gate), project(w_up),
+                                gate_threshold, ThresholdTarget.gate)
     return jnp.dot(keep_where(hidden, keep), w_down[rows], precision=highest)
 
 
 def masked_rows_ffn(
     x: Float[Array, "... D"], keep: Float[Array, "... F"], w_gate: Float[Array, "F D"] | None,
     w_up: Float[Array, "F D"], w_down: Float[Array, "F D"], activation: Activation, threshold: float | None,
+    threshold_on: ThresholdTarget = ThresholdTarget.hidden,
 ) -> Float[Array, "... D"]:
     """The dense FFN over rows stored [F, D], each token keeping the neurons `keep` marks (the sparse engine's
-    prefill), host-safe."""
+    prefill), the FFN's threshold applied where `threshold_on` says, host-safe."""
 
     def project(w):
         return jnp.einsum("...d,fd->...f", x, w)
 
-    hidden = threshold_hidden(activation_pair(activation, None if w_gate is None else project(w_gate),
-                                              project(w_up)), threshold)
+    hidden = thresholded_hidden(activation, None if w_gate is None else project(w_gate), project(w_up), threshold,
+                                threshold_on)
     return keep_where(hidden, keep) @ w_down
 
 
 def dense_ffn(
     x: Float[Array, "... D"], w_gate: Float[Array, "D F"] | None, w_up: Float[Array, "D F"],
     w_down: Float[Array, "F D"], activation: Activation, threshold: float | None,
+    threshold_on: ThresholdTarget = ThresholdTarget.hidden,
 ) -> Float[Array, "... D"]:
     """models.ffn.FFN's dense math on its own [D, F] / [F, D] matrices, host-safe."""
     gate = None if w_gate is None else x @ w_gate
-    return threshold_hidden(activation_pair(activation, gate, x @ w_up), threshold) @ w_down
+    return thresholded_hidden(activation, gate, x @ w_up, threshold, threshold_on) @ w_down
 
 
 def _on_host(fn: Callable, static: tuple[str, ...]) -> Callable:
@@ -113,9 +125,9 @@ def _on_host(fn: Callable, static: tuple[str, ...]) -> Callable:
     return compute_on("device_host")(jax.jit(fn, static_argnames=static))
 
 
-host_rows_ffn = _on_host(rows_ffn, ("activation",))
-host_masked_rows_ffn = _on_host(masked_rows_ffn, ("activation", "threshold"))
-host_dense_ffn = _on_host(dense_ffn, ("activation", "threshold"))
+host_rows_ffn = _on_host(rows_ffn, ("activation", "gate_threshold"))
+host_masked_rows_ffn = _on_host(masked_rows_ffn, ("activation", "threshold", "threshold_on"))
+host_dense_ffn = _on_host(dense_ffn, ("activation", "threshold", "threshold_on"))
 
 
 def remove_offload(model) -> None:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from kernels_pallas.quant_predict import Int4Rows, decisive_projections, int4_scores_reference, quantize_rows
 from sparse_lm.models.capture import capture_forward, split_capturing
-from sparse_lm.models.config import Activation, ModelConfig
+from sparse_lm.models.config import Activation, ModelConfig, ThresholdTarget
 from sparse_lm.models.ffn import CapturePoint
 from sparse_lm.predictors.metrics import calibrate_threshold
 
@@ -119,7 +119,8 @@ def _captured_batches(model, predictors, tokens: Int[np.ndarray, "N S"], batch_s
 def calibrate(model, predictors: Int4PredictorSet, tokens: Int[np.ndarray, "N S"], target_recall: float,
               batch_size: int = 4, progress: bool = False) -> np.ndarray:
     """Sets each layer's threshold to the largest one recalling `target_recall` of the firing (token, neuron)
-    cells of `tokens` (a != 0); returns the thresholds [N]."""
+    cells of `tokens` (a != 0, a the captured hidden activation: after the FFN's own threshold, so for a
+    gate-thresholded ReGLU the cells with g > t, not g > 0); returns the thresholds [N]."""
     if not 0 < target_recall <= 1:
         raise ValueError(f"int4 predictor target recall must be in (0, 1], got {target_recall}")
     positives: list[list[np.ndarray]] = [[] for _ in range(predictors.n_layers)]
@@ -132,12 +133,22 @@ def calibrate(model, predictors: Int4PredictorSet, tokens: Int[np.ndarray, "N S"
     return thresholds
 
 
+def gate_floor(ffn) -> float:
+    """The gate pre-activation a ReLU-gated neuron (ReGLU, dReLU) must exceed for the int4 engine to read its up
+    row: 0, or max(0, t) for an FFN thresholded on its activated gate (FATReLU: relu(g) kept only above t)."""
+    if ffn.threshold is None or ffn.threshold_on is not ThresholdTarget.gate:
+        return 0.0
+    return max(0.0, float(ffn.threshold))
+
+
 def row_reads(model, predictors, tokens: Int[np.ndarray, "N S"], capacities: list[int], batch_size: int = 4,
               progress: bool = False) -> dict[str, np.ndarray]:
-    """Per layer, the mean per token of: neurons predicted (after the capacity cap), those of them whose gate
-    passes (gated FFNs; all of them otherwise) and those that fire, plus the recall of firing cells. These are
-    the gate, up and down rows the int4 engine reads (the floor of its bytes per token)."""
+    """Per layer, the mean per token of: neurons predicted (after the capacity cap), those of them whose activated
+    gate passes (relu(g) > 0 and above any gate threshold; gated FFNs, all of them otherwise) and those that fire,
+    plus the recall of firing cells. These are the gate, up and down rows the int4 engine reads (the floor of its
+    bytes per token)."""
     thresholds = np.asarray(predictors.thresholds[...])
+    floors = [gate_floor(block.ffn) for block in model.blocks]
     sums = {k: np.zeros(predictors.n_layers) for k in ("predicted", "gate_passed", "fired_predicted", "fired")}
     cells = 0
     for layers in _captured_batches(model, predictors, tokens, batch_size, progress, "row reads"):
@@ -147,7 +158,7 @@ def row_reads(model, predictors, tokens: Int[np.ndarray, "N S"], capacities: lis
             predicted &= np.cumsum(predicted, axis=-1) <= capacities[i]
             fired = hidden != 0
             sums["predicted"][i] += predicted.sum()
-            sums["gate_passed"][i] += (predicted & (gate > 0)).sum() if gate is not None else predicted.sum()
+            sums["gate_passed"][i] += (predicted & (gate > floors[i])).sum() if gate is not None else predicted.sum()
             sums["fired_predicted"][i] += (predicted & fired).sum()
             sums["fired"][i] += fired.sum()
     means = {k: v / cells for k, v in sums.items()}

@@ -6,7 +6,9 @@ One token at a time (decode) goes through kernels_pallas.sparse_ffn (the C++ twi
 inputs (prefill, perplexity) compute densely and keep the same neurons, so the engine's perplexity is measured
 with the full-sequence forward. Shapes never depend on the active count, so the decode step compiles once.
 The predictors are trained low-rank ones (PredictorSet) or int4 copies of the FFN's own rows (Int4PredictorSet);
-with int4 predictors a one-token CPU step is one fused C++ call (kernels_pallas.quant_predict).
+with int4 predictors a one-token CPU step is one fused C++ call (kernels_pallas.quant_predict). An FFN thresholded
+on its activated gate (model.ffn_threshold_on=gate: FATReLU, CATS) passes its threshold to every kernel, so the
+engine keeps exactly the neurons the dense model keeps among the predicted ones.
 Legend: B batch, L length, D d_model, F d_ff, K capacity.
 """
 
@@ -26,7 +28,8 @@ from kernels_pallas.common import resolve
 from kernels_pallas.cpu import predict_gate_up_cpu
 from kernels_pallas.quant_predict import capped_mask, quant_sparse_ffn
 from sparse_lm.models.capture import capture_forward, split_capturing
-from sparse_lm.models.ffn import CapturePoint, activation_pair, apply_threshold
+from sparse_lm.models.config import ThresholdTarget
+from sparse_lm.models.ffn import CapturePoint, thresholded_hidden
 from sparse_lm.predictors.module import HiddenActivation, PredictorSet
 from sparse_lm.predictors.quantized import Int4Predictor, Int4PredictorSet
 
@@ -67,6 +70,12 @@ def active_set(
     return indices.astype(jnp.int32), count
 
 
+def gate_threshold_of(ffn) -> float | None:
+    """The threshold a sparse kernel applies to an FFN's activated gate: the FFN's own threshold when it is on the
+    gate (threshold_on=gate), else None."""
+    return ffn.threshold if ffn.threshold_on is ThresholdTarget.gate else None
+
+
 def active_mask(logits: Float[Array, "... F"], threshold: float, capacity: int) -> Bool[Array, "... F"]:
     """The same neurons as `active_set`, as a mask over F (any leading shape)."""
     return capped_mask(logits > threshold, capacity)
@@ -86,30 +95,32 @@ class SparseExecutor(nnx.Module):
 
     def __call__(self, ffn, x: Float[Array, "B L D"]) -> Float[Array, "B L D"]:
         gate_rows = None if self.gate_rows is None else self.gate_rows[...]
+        gate_threshold = gate_threshold_of(ffn)
         one_token_ffi = x.shape[:-1] == (1, 1) and resolve(self.implementation)[0] is Implementation.ffi
         if one_token_ffi and isinstance(self.predictor, Int4Predictor):
             # one token on CPU: int4 scores, compaction and the exact rows (gate, up behind it, down) in one call
             y, _ = quant_sparse_ffn(x[0], self.predictor.gate, self.predictor.up, self.threshold, self.capacity,
                                     gate_rows, self.up_rows[...], ffn.w_down[...], ffn.activation,
-                                    implementation=Implementation.ffi)
+                                    gate_threshold=gate_threshold, implementation=Implementation.ffi)
             return y[None]
         if one_token_ffi:
             # one token on CPU: predictor, compaction and gate/up in one C++ call, then the down rows
             p = self.predictor
             hidden, indices, count = predict_gate_up_cpu(
                 x[0], p.w1[...], p.b1[...], p.w2[...], p.b2[...], p.hidden_activation is HiddenActivation.relu,
-                self.threshold, self.capacity, gate_rows, self.up_rows[...], ffn.activation)
+                self.threshold, self.capacity, gate_rows, self.up_rows[...], ffn.activation,
+                gate_threshold=gate_threshold)
             return sparse_down(hidden, indices, count[0], ffn.w_down[...], implementation=Implementation.ffi)[None]
         logits = self.predictor(x)
         if x.shape[:-1] == (1, 1):  # one token: compute only the active rows
             indices, count = active_set(logits[0, 0], self.threshold, self.capacity)
-            y = sparse_ffn(x[0], indices, count, None if self.gate_rows is None else self.gate_rows[...],
-                           self.up_rows[...], ffn.w_down[...], ffn.activation, implementation=self.implementation)
+            y = sparse_ffn(x[0], indices, count, gate_rows, self.up_rows[...], ffn.w_down[...], ffn.activation,
+                           gate_threshold=gate_threshold, implementation=self.implementation)
             return y[None]
         # prefill / evaluation: the same neurons, computed densely
         up = x @ ffn.w_up[...]
         gate = x @ ffn.w_gate[...] if ffn.w_gate is not None else None
-        hidden = apply_threshold(activation_pair(ffn.activation, gate, up), ffn.threshold)
+        hidden = thresholded_hidden(ffn.activation, gate, up, ffn.threshold, ffn.threshold_on)
         hidden = jnp.where(active_mask(logits, self.threshold, self.capacity), hidden, 0.0)
         return hidden @ ffn.w_down[...]
 

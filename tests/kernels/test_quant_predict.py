@@ -9,6 +9,7 @@ import pytest
 
 from kernels_pallas import cpu
 from kernels_pallas.quant_predict import (
+    capped_mask,
     decisive_projections,
     dequantize_rows,
     int4_scores,
@@ -165,3 +166,61 @@ def test_pallas_is_not_offered_for_the_int4_predictor():
     gate, up = _rows_for("drelu", w_gate, w_up)
     with pytest.raises(ValueError, match="quant_predict has no Pallas kernel"):
         int4_scores(jnp.ones((1, 32)), gate, up, "drelu", implementation="pallas")
+
+
+@needs_cpu_twin
+@pytest.mark.parametrize("activation", ["drelu", "reglu"])
+@pytest.mark.parametrize(("quantile", "capacity"), [(0.3, 256), (0.2, 40)])
+def test_cpu_fused_ffn_with_a_gate_threshold_equals_the_reference(activation, quantile, capacity):
+    """FATReLU: of the predicted neurons only those with g > t count. Every implementation equals the dense FFN
+    whose mask also drops g <= t (computed in numpy), which differs from the FFN without the gate threshold."""
+    d_ff, d_model = 256, 128
+    w_gate, w_up, w_down = _weights(d_ff, d_model, seed=11)
+    gate, up = _rows_for(activation, w_gate, w_up)
+    x = jnp.asarray(np.random.default_rng(12).normal(size=(1, d_model)).astype(np.float32))
+    scores = np.asarray(int4_scores_reference(x, gate, up))
+    threshold = _threshold_between_scores(scores, quantile)
+    g = (np.asarray(x, np.float64) @ w_gate.T.astype(np.float64))[0]
+    predicted = np.asarray(capped_mask(jnp.asarray(scores > threshold), capacity))[0]
+    positive = np.sort(g[predicted & (g > 0)])
+    i = positive.size // 2
+    gate_threshold = float((positive[i - 1] + positive[i]) / 2)  # halves the predicted neurons with g > 0
+    args = (x, gate, up, threshold, capacity, jnp.asarray(w_gate), jnp.asarray(w_up), jnp.asarray(w_down), activation)
+    oracle = masked_dense_ffn(x, jnp.asarray(predicted & (g > gate_threshold))[None], jnp.asarray(w_gate),
+                              jnp.asarray(w_up), jnp.asarray(w_down), Activation(activation))
+    plain = masked_dense_ffn(x, jnp.asarray(predicted)[None], jnp.asarray(w_gate), jnp.asarray(w_up),
+                             jnp.asarray(w_down), Activation(activation))
+    assert float(jnp.abs(oracle - plain).max()) > 0.05
+    y, count = quant_sparse_ffn(*args, gate_threshold=gate_threshold, implementation="ffi")
+    y_ref, count_ref = quant_sparse_ffn(*args, gate_threshold=gate_threshold, implementation="xla")
+    assert int(count[0]) == int(count_ref[0]) == predicted.sum()  # the count is the predictor's, before the gate
+    np.testing.assert_allclose(y, oracle, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y_ref, oracle, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(quant_sparse_ffn_reference(*args, gate_threshold=gate_threshold), y_ref, rtol=0,
+                               atol=0)
+
+
+@needs_cpu_twin
+@pytest.mark.parametrize("activation", ["drelu", "reglu", "relu"])
+def test_cpu_fused_ffn_without_a_gate_threshold_is_unchanged(activation):
+    """None and -inf: no gate threshold, the same bits as a call without one."""
+    w_gate, w_up, w_down = _weights(128, 64, seed=13)
+    gate, up = _rows_for(activation, w_gate, w_up)
+    x = jnp.asarray(np.random.default_rng(14).normal(size=(1, 64)).astype(np.float32))
+    gated = Activation(activation).gated
+    args = (x, gate, up, -0.05, 100, jnp.asarray(w_gate) if gated else None, jnp.asarray(w_up), jnp.asarray(w_down),
+            activation)
+    for implementation in ("ffi", "xla"):
+        y, count = quant_sparse_ffn(*args, implementation=implementation)
+        for none in (None, -np.inf):
+            y_none, count_none = quant_sparse_ffn(*args, gate_threshold=none, implementation=implementation)
+            np.testing.assert_array_equal(y_none, y)
+            np.testing.assert_array_equal(count_none, count)
+
+
+def test_a_gate_threshold_without_a_gate_is_refused():
+    _, w_up, w_down = _weights(64, 32)
+    _, up = _rows_for("relu", None, w_up)
+    with pytest.raises(ValueError, match="gate threshold needs a gated activation, not relu"):
+        quant_sparse_ffn(jnp.ones((1, 32)), None, up, 0.0, 64, None, jnp.asarray(w_up), jnp.asarray(w_down), "relu",
+                         gate_threshold=0.1)

@@ -200,3 +200,118 @@ def test_cpu_predictor_fused_gate_up_equals_its_parts(activation, capacity):
     np.testing.assert_array_equal(got_indices, indices)
     expected = sparse_gate_up(x, indices, count, w_gate, w_up, activation, implementation="xla")
     np.testing.assert_allclose(hidden, expected, **tolerance(jnp.float32))
+
+
+def _activated_gate(activation: str, gate: np.ndarray) -> np.ndarray:
+    """sigma(gate) in numpy: an oracle independent of models.ffn."""
+    return gate / (1 + np.exp(-gate)) if activation == "swiglu" else np.maximum(gate, 0)
+
+
+def _gate_threshold_case(activation: str, shape, share: float = 0.5):
+    """ffn_case plus a gate threshold halfway between two neighbouring |sigma(gate)| of the active (token, neuron)
+    cells where sigma(gate) != 0, zeroing about `share` of those (no cell within rounding of it), and the mask of
+    the cells it keeps."""
+    n_tokens, d_model, d_ff, capacity, count = shape
+    x, indices, w_gate, w_up, w_down = ffn_case(sum(shape) + 1, *shape)
+    gate = np.asarray(x, np.float64) @ np.asarray(w_gate, np.float64).T  # [B, F]
+    magnitude = np.abs(_activated_gate(activation, gate))
+    active = magnitude[:, np.asarray(indices[:count])].reshape(-1)
+    active = np.sort(active[active > 0])
+    i = int(share * (active.size - 1))
+    threshold = float((active[i] + active[i + 1]) / 2)
+    return x, indices, w_gate, w_up, w_down, threshold, magnitude > threshold
+
+
+def test_gate_threshold_by_hand():
+    x = jnp.array([[1.0, 2.0]])
+    w_gate = jnp.array([[1.0, 0.0], [0.0, -1.0], [1.0, 1.0]])  # gate pre-activations 1, -2, 3
+    w_up = jnp.array([[2.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])  # up pre-activations 4, 3, -1
+    indices = jnp.array([2, 0, 1], jnp.int32)
+    # FATReLU at t = 2: neuron 2 (relu(3) = 3 > 2) is kept, neuron 0 (relu(1) = 1) zeroed
+    hidden = sparse_gate_up(x, indices, 2, w_gate, w_up, "reglu", gate_threshold=2.0, implementation="xla")
+    np.testing.assert_allclose(hidden, [[3.0 * -1.0, 0.0, 0.0]])
+    # SwiGLU at t = 0.5: |silu(3)| = 2.86 and |silu(1)| = 0.73 pass, |silu(-2)| = 0.24 does not
+    hidden = sparse_gate_up(x, indices, 3, w_gate, w_up, "swiglu", gate_threshold=0.5, implementation="xla")
+    silu = np.array([3.0, 1.0]) / (1 + np.exp(-np.array([3.0, 1.0])))
+    np.testing.assert_allclose(hidden, [[silu[0] * -1.0, silu[1] * 4.0, 0.0]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("activation", sorted(GATED))
+@pytest.mark.parametrize("shape", SHAPES[:2] + SHAPES[3:], ids=lambda s: "x".join(map(str, s)))
+def test_gate_threshold_every_implementation_equals_the_oracle(activation, shape):
+    """Every implementation with a gate threshold zeroing about half the active cells equals the dense FFN whose
+    mask also drops the cells with |sigma(gate)| <= t (computed in numpy), and differs from the unthresholded FFN."""
+    n_tokens, d_model, d_ff, capacity, count = shape
+    x, indices, w_gate, w_up, w_down, threshold, passes = _gate_threshold_case(activation, shape)
+    active = np.asarray(active_neuron_mask(indices, count, d_ff, n_tokens=n_tokens))
+    # a good share of the active cells that the plain pair keeps is zeroed, and a good share kept
+    assert 0.3 < passes[active & (np.asarray(x @ w_gate.T) > 0)].mean() < 0.7
+    expected = masked_dense_ffn(x, jnp.asarray(active & passes), w_gate, w_up, w_down, activation)
+    unthresholded = masked_dense_ffn(x, jnp.asarray(active), w_gate, w_up, w_down, activation)
+    assert float(jnp.abs(expected - unthresholded).max()) > 1e-2
+    np.testing.assert_allclose(masked_dense_ffn(x, jnp.asarray(active), w_gate, w_up, w_down, activation,
+                                                gate_threshold=threshold), expected, **tolerance(jnp.float32))
+    kept = passes[:, np.asarray(indices)] & (np.arange(capacity) < count)  # [B, K]
+    plain = np.asarray(sparse_gate_up(x, indices, count, w_gate, w_up, activation, implementation="xla"))
+    for impl in IMPLEMENTATIONS:
+        hidden = np.asarray(sparse_gate_up(x, indices, count, w_gate, w_up, activation, gate_threshold=threshold,
+                                           implementation=impl))
+        assert np.all(hidden[~kept] == 0), impl  # exact zeros where the gate fails
+        np.testing.assert_allclose(hidden[kept], plain[kept], **tolerance(jnp.float32), err_msg=impl)
+        y = sparse_ffn(x, indices, count, w_gate, w_up, w_down, activation, gate_threshold=threshold,
+                       implementation=impl)
+        np.testing.assert_allclose(y, expected, **tolerance(jnp.float32), err_msg=impl)
+
+
+@pytest.mark.parametrize("activation", sorted(GATED))
+def test_no_gate_threshold_is_bit_for_bit_the_plain_pair(activation):
+    """None and -inf both mean no gate threshold: the same bits as a call without one, in every implementation."""
+    x, indices, w_gate, w_up, w_down = ffn_case(11, 3, 48, 100, 20, 17)
+    for impl in IMPLEMENTATIONS:
+        plain = sparse_ffn(x, indices, 17, w_gate, w_up, w_down, activation, implementation=impl)
+        for none in (None, -np.inf, float("-inf")):
+            np.testing.assert_array_equal(sparse_ffn(x, indices, 17, w_gate, w_up, w_down, activation,
+                                                     gate_threshold=none, implementation=impl), plain)
+
+
+def test_a_gate_threshold_on_an_ungated_ffn_is_refused():
+    x, indices, _, w_up, _ = ffn_case(0, 1, 16, 32, 8, 4)
+    with pytest.raises(ValueError, match="gate threshold needs a gated activation, not relu"):
+        sparse_gate_up(x, indices, 4, None, w_up, "relu", gate_threshold=0.1)
+    sparse_gate_up(x, indices, 4, None, w_up, "relu", gate_threshold=-np.inf)  # no threshold: fine
+
+
+def test_pallas_kernel_with_a_gate_threshold_lowers_for_cuda():
+    x, indices, w_gate, w_up, w_down = ffn_case(1, 1, 576, 1536, 160, 150)
+
+    def ffn(x, indices, count, w_up, w_down):
+        return sparse_ffn(x, indices, count, w_gate, w_up, w_down, "reglu", gate_threshold=0.3,
+                          implementation="pallas", interpret=False)
+
+    exported = export_for_gpu(ffn, x, indices, jnp.int32(150), w_up, w_down)
+    assert exported.mlir_module().count(TRITON_CALL) == 2
+
+
+@pytest.mark.parametrize("activation", sorted(GATED))
+def test_cpu_predictor_fused_gate_up_applies_the_gate_threshold(activation):
+    from kernels_pallas.cpu import predict_gate_up_cpu
+    from sparse_lm.models.config import Activation
+    from sparse_lm.sparse import active_set
+
+    x, _, w_gate, w_up, _, threshold, passes = _gate_threshold_case(activation, (1, 64, 96, 64, 64))
+    rng = np.random.default_rng(12)
+    w1, b1 = jnp.asarray(rng.standard_normal((64, 16)) / 8, jnp.float32), jnp.asarray(rng.standard_normal(16) / 4,
+                                                                                     jnp.float32)
+    w2, b2 = jnp.asarray(rng.standard_normal((16, 96)) / 4, jnp.float32), jnp.asarray(rng.standard_normal(96) / 4,
+                                                                                     jnp.float32)
+    indices, count = active_set((jax.nn.relu(x @ w1 + b1) @ w2 + b2)[0], 0.1, 64)
+    hidden, got_indices, got_count = predict_gate_up_cpu(x, w1, b1, w2, b2, True, 0.1, 64, w_gate, w_up,
+                                                         Activation(activation), gate_threshold=threshold)
+    np.testing.assert_array_equal(got_indices, indices)
+    expected = sparse_gate_up(x, indices, count, w_gate, w_up, activation, gate_threshold=threshold,
+                              implementation="xla")
+    np.testing.assert_allclose(hidden, expected, **tolerance(jnp.float32))
+    kept = passes[0, np.asarray(indices)] & (np.arange(64) < int(count))
+    plain = np.asarray(sparse_gate_up(x, indices, count, w_gate, w_up, activation, implementation="xla"))[0]
+    assert np.abs(plain[~kept]).max() > 0.05 and np.abs(plain[kept]).max() > 0.05  # it zeroed some, kept some
+    assert np.all(np.asarray(hidden)[0, ~kept] == 0)

@@ -342,3 +342,28 @@ def test_the_figure_draws_the_budget_sweep(tmp_path, make_figures):
                                       tables=[without_speedup], results_dir=tmp_path))
     with pytest.raises(ValueError, match="speedup"):
         figures_disk.disk_tier_series(broken)
+
+
+def test_decode_through_the_tier_applies_the_gate_thresholds_of_a_fatrelu_model(disk_dir):
+    """ReGLU thresholded on its activated gate: the tier's FFN keeps only the predicted neurons with g > t, bit for
+    bit the in-RAM engine's (itself equal to the gated dense model, tests/sparse), which the thresholds change."""
+    model = Transformer(TINY3.replace(activation="reglu", ffn_thresholds=(0.6, 0.8, 0.7), ffn_threshold_on="gate"),
+                        rngs=nnx.Rngs(0))
+    plain = Transformer(TINY3.replace(activation="reglu"), rngs=nnx.Rngs(0))  # the same weights, no threshold
+    predictors = Int4PredictorSet(model)
+    predictors.thresholds[...] = jnp.array([0.0, -0.02, -0.01])
+    path, layout, align = _bundle(disk_dir, model)
+    plan = plan_cache(layout, align, np.zeros((TINY3.n_layers, TINY3.d_ff)), int(0.5 * layout.ffn_bytes), 0.0,
+                      min_lru_slots=2 * max(CAPACITIES))
+    tokens = [3, 141, 59, 26, 5, 35]
+    with NeuronCache.open(path, layout, align, plan, DiskTierConfig()) as cache:
+        tier_model = fixed_region_model(model)
+        install_disk_tier(tier_model, predictors, CAPACITIES, cache)
+        install(model, predictors, CAPACITIES, "ffi")
+        reference = _step_logits(model, tokens)
+        install(plain, predictors, CAPACITIES, "ffi")
+        unthresholded = _step_logits(plain, tokens)
+        np.testing.assert_array_equal(_step_logits(tier_model, tokens), reference)  # bit for bit
+        remove(model)
+        remove(plain)
+    assert float(np.abs(reference - unthresholded).max()) > 1e-2

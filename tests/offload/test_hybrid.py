@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from kernels_pallas import masked_dense_ffn, sparse_ffn
-from sparse_lm.models.config import Activation
+from sparse_lm.models.config import Activation, ThresholdTarget
 from sparse_lm.models.ffn import ffn_hidden
 from sparse_lm.models.presets import TINY
 from sparse_lm.models.transformer import Transformer, init_cache
@@ -344,3 +344,70 @@ def test_generator_compiles_one_decode_program_for_the_hybrid(setup):
     assert len(result.tokens) == 6
     # keys and cache committed like the step's own outputs: the timed loop never compiles a second program
     assert generator._decode._cache_size() == 1
+
+
+@pytest.mark.parametrize("activation", [Activation.swiglu, Activation.reglu, Activation.drelu])
+def test_host_math_applies_gate_thresholds(activation):
+    """The host-safe FFN math with a threshold on the activated gate (CATS, FATReLU) against the device references
+    thresholded the same way; each differs from the unthresholded math."""
+    d_model, d_ff, t = 16, 24, 0.4
+    keys = jax.random.split(jax.random.key(8), 5)
+    x = jax.random.normal(keys[0], (2, d_model))
+    w_gate, w_up, w_down = (jax.random.normal(k, (d_ff, d_model)) * d_model**-0.5 for k in keys[1:4])
+    indices, count = jnp.array([3, 5, 11, 20, 7, 0], jnp.int32), jnp.asarray(5, jnp.int32)
+    mask = jax.random.bernoulli(keys[4], 0.7, (2, d_ff))
+    host = [place(w, PINNED_HOST) for w in (w_gate, w_up, w_down)]
+    host_dense = [place(w.T if i < 2 else w, PINNED_HOST) for i, w in enumerate(host)]
+    gate_on = ThresholdTarget.gate
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def on_host(threshold, x, indices, keep, mask, host, host_dense):
+        rows = host_rows_ffn(*to_host((x, indices, keep)), *host, activation=activation, gate_threshold=threshold)
+        masked = host_masked_rows_ffn(*to_host((x, mask.astype(x.dtype))), *host, activation=activation,
+                                      threshold=threshold, threshold_on=gate_on)
+        dense = host_dense_ffn(to_host(x), *host_dense, activation=activation, threshold=threshold,
+                               threshold_on=gate_on)
+        return to_device((rows, masked, dense))
+
+    keep = (jnp.arange(6) < count).astype(x.dtype)
+    rows, masked, dense = on_host(t, x, indices, keep, mask, host, host_dense)
+    plain = on_host(None, x, indices, keep, mask, host, host_dense)
+    np.testing.assert_allclose(rows, sparse_ffn(x, indices, count, w_gate, w_up, w_down, activation,
+                                                gate_threshold=t, implementation="xla"), atol=ATOL, rtol=ATOL)
+    np.testing.assert_allclose(masked, masked_dense_ffn(x, mask, w_gate, w_up, w_down, activation, gate_threshold=t),
+                               atol=ATOL, rtol=ATOL)
+    np.testing.assert_allclose(dense, ffn_hidden(x, w_gate.T, w_up.T, activation, t, gate_on) @ w_down, atol=ATOL,
+                               rtol=ATOL)
+    for thresholded, unthresholded in zip((rows, masked, dense), plain, strict=True):
+        assert _max_diff(thresholded, unthresholded) > 1e-3  # the threshold cut
+
+
+def test_hybrid_and_baselines_apply_the_gate_thresholds_of_a_fatrelu_model():
+    """ReGLU thresholded on its activated gate: the hybrid (decode, both sides, and prefill) equals the all-device
+    sparse engine, which equals the predictor-gated dense model (tests/sparse); the baselines equal the dense model."""
+    config = TINY.replace(activation="reglu", ffn_thresholds=(0.6, 0.8), ffn_threshold_on="gate")
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    plain = Transformer(TINY.replace(activation="reglu"), rngs=nnx.Rngs(0))  # the same weights, no threshold
+    predictors = PredictorSet(model.config, [8, 8], rngs=nnx.Rngs(1))
+    predictors.thresholds[...] = jnp.array([0.0, 0.1])
+    tokens = jax.random.randint(jax.random.key(9), (1, 6), 0, TINY.vocab_size)
+    dense = _full_logits(model, tokens)
+    assert _max_diff(dense, _full_logits(plain, tokens)) > 1e-2  # the thresholds matter
+    install(model, predictors, [CAPACITY] * 2, "xla")
+    engine = {"full": _full_logits(model, tokens), "decode": _decode_logits(model, tokens)[0]}
+    remove(model)
+    install(plain, predictors, [CAPACITY] * 2, "xla")
+    assert _max_diff(engine["decode"], _decode_logits(plain, tokens)[0]) > 1e-2
+    remove(plain)
+    install_hybrid(model, predictors, [CAPACITY] * 2, _random_mask(0.3))  # auto: the C++ twin on the device side
+    hybrid = {"full": _full_logits(model, tokens), "decode": _decode_logits(model, tokens)[0]}
+    remove_offload(model)
+    for path in ("full", "decode"):
+        assert _max_diff(hybrid[path], engine[path]) <= ATOL, path
+    for install_baseline in (functools.partial(install_layer_split, config=LayerSplitConfig(fast_layers=1)),
+                             install_flexgen):
+        install_baseline(model)
+        decode, _ = _decode_logits(model, tokens)
+        full = _full_logits(model, tokens)
+        remove_offload(model)
+        assert _max_diff(decode, dense) <= ATOL and _max_diff(full, dense) <= ATOL

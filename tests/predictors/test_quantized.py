@@ -53,3 +53,20 @@ def test_check_fits_names_both_shapes():
     other = Transformer(TINY.replace(activation="drelu", n_layers=3), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="cover 2 layers of 64 -> 128 but model tiny has 3"):
         Int4PredictorSet(model).check_fits(other.config)
+
+
+def test_fatrelu_calibration_and_row_reads_use_the_gate_threshold():
+    """ReGLU thresholded on its activated gate fires where g > t: calibration recalls those cells (its thresholds
+    rise over the plain model's, which fires wherever g > 0) and the up rows read are the predicted neurons with
+    g > t, which for ReGLU are exactly the predicted ones that fire."""
+    fatrelu = Transformer(TINY.replace(activation="reglu", ffn_thresholds=(0.6, 0.8), ffn_threshold_on="gate"),
+                          rngs=nnx.Rngs(0))
+    plain = Transformer(TINY.replace(activation="reglu"), rngs=nnx.Rngs(0))  # the same weights
+    tokens = _tokens(8)
+    predictors, plain_predictors = Int4PredictorSet(fatrelu), Int4PredictorSet(plain)
+    thresholds = calibrate(fatrelu, predictors, tokens, 0.99)
+    assert np.all(thresholds > calibrate(plain, plain_predictors, tokens, 0.99) + 0.05)
+    reads = row_reads(fatrelu, predictors, tokens, [TINY.d_ff] * 2)
+    assert np.all(reads["recall"] >= 0.99)
+    np.testing.assert_allclose(reads["gate_passed"], reads["fired_predicted"])
+    assert np.all(reads["fired"] < 0.6 * row_reads(plain, plain_predictors, tokens, [TINY.d_ff] * 2)["fired"])

@@ -144,3 +144,58 @@ def test_int4_decode_compiles_once():
     generator.generate([4, 5, 6, 7, 8], max_new_tokens=6)
     assert generator._decode._cache_size() == 1
     remove(model)
+
+
+GATE_THRESHOLDS = (0.6, 0.8)  # FATReLU: with gate pre-activations ~ N(0, 1) these zero about half of g > 0
+
+
+def _fatrelu_model_and_predictors(thresholds=GATE_THRESHOLDS, int4=False):
+    config = TINY.replace(activation="reglu", ffn_thresholds=thresholds, ffn_threshold_on="gate")
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    if int4:
+        from sparse_lm.predictors.quantized import Int4PredictorSet
+
+        predictors = Int4PredictorSet(model)
+        predictors.thresholds[...] = jnp.array([0.0, -0.02])
+    else:
+        predictors = PredictorSet(model.config, [8, 8], rngs=nnx.Rngs(1))
+        predictors.thresholds[...] = jnp.array([0.0, 0.1])
+    return model, predictors
+
+
+def _gated_dense(model, predictors, tokens):
+    attach(model, predictors)
+    logits = model(tokens)[0]
+    attach(model, None)
+    return logits
+
+
+@pytest.mark.parametrize(("implementation", "int4"), [("ffi", False), ("xla", False), ("pallas", False),
+                                                      ("ffi", True), ("xla", True)])  # int4: no Pallas path
+def test_engine_applies_the_gate_thresholds_of_a_fatrelu_model(implementation, int4):
+    """ReGLU with per-layer thresholds on the activated gate: decode (every kernel, low-rank and int4 predictors)
+    and the full-sequence forward equal the dense model gated by the same predictors and thresholded the same way."""
+    model, predictors = _fatrelu_model_and_predictors(int4=int4)
+    plain_model, _ = _fatrelu_model_and_predictors(thresholds=None, int4=int4)  # same weights, no threshold
+    tokens = jax.random.randint(jax.random.key(5), (1, 6), 0, TINY.vocab_size)
+    gated = _gated_dense(model, predictors, tokens)
+    assert float(jnp.abs(gated - _gated_dense(plain_model, predictors, tokens)).max()) > 1e-2  # thresholds matter
+    install(model, predictors, [TINY.d_ff] * 2, implementation)
+    engine_decode = _decode_logits(model, tokens)
+    engine_full = model(tokens)[0]
+    remove(model)
+    np.testing.assert_allclose(engine_decode, gated, rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(engine_full, gated, rtol=2e-4, atol=2e-4)
+
+
+def test_only_gate_thresholds_reach_the_kernels():
+    """A model with no threshold, or one thresholded on the hidden activation, hands the kernels no gate threshold
+    (None: the plain activation pair, bit for bit, see tests/kernels); a FATReLU model its per-layer thresholds."""
+    from sparse_lm.sparse import gate_threshold_of
+
+    model, predictors = _model_and_predictors("reglu")
+    assert all(gate_threshold_of(block.ffn) is None for block in model.blocks)
+    hidden_thresholded = Transformer(TINY.replace(activation="reglu", ffn_thresholds=(0.1,)), rngs=nnx.Rngs(0))
+    assert all(gate_threshold_of(block.ffn) is None for block in hidden_thresholded.blocks)
+    fatrelu, _ = _fatrelu_model_and_predictors()
+    assert [gate_threshold_of(block.ffn) for block in fatrelu.blocks] == list(GATE_THRESHOLDS)
