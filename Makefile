@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_ENV := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_ARENA_MAX=1
 
-.PHONY: setup demo eval test lint bench bench-ffn bench-sparse bench-disk offload results sweep relufy clean
+.PHONY: setup demo eval test lint bench bench-ffn bench-sparse bench-disk offload results sweep relufy relufy-kd frontier clean
 
 setup: $(STAMP)
 
@@ -66,6 +66,14 @@ sweep: setup
 
 relufy: setup
 	$(BENCH_ENV) $(PY) experiments/train.py experiment=relufy_smollm2_drelu
+
+# Issue 16: ReGLU + FATReLU distilled from the original SmolLM2 (resumable; ~3 hours for the preset's 2M tokens)
+relufy-kd: setup
+	$(BENCH_ENV) $(PY) experiments/train.py experiment=relufy_smollm2_fatrelu
+
+# Issue 16: the perplexity-sparsity frontier on both corpora, with the trained runs that exist
+frontier: setup
+	$(BENCH_ENV) $(PY) experiments/frontier.py record_as=frontier_smollm2 hydra.run.dir=runs/frontier/smollm2
 
 results: setup
 	$(PY) -m sparse_lm.results render
