@@ -101,6 +101,9 @@ def collect_sweep(
                      summary.get("tokens_per_s", float("nan")), summary.get("mfu", float("nan"))])
         for key in ("val_perplexity", "sparsity", "perplexity_top90"):
             metrics[f"{variant}_{key}"] = summary.get(key, float("nan"))
+        # a pretrained model's swap: the original's perplexity on the same validation rows, beside every row
+        if "baseline_val_perplexity" in summary:
+            metrics.setdefault("original_val_perplexity", summary["baseline_val_perplexity"])
         history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines() if line.strip()]
         run_curves = curves(history, variant)
         series_train += run_curves["train"]["rows"]
