@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -42,6 +43,7 @@ from sparse_lm.profiling.training_free import (
     install_rule,
 )
 from sparse_lm.results import current_command, write_result
+from sparse_lm.train.checkpoint import Checkpointer
 from sparse_lm.tracking import TrackerConfig, make_tracker
 from sparse_lm.tracking.base import to_jsonable
 from sparse_lm.utils.io import atomic_write_json
@@ -196,14 +198,42 @@ def _calibration_rows(model: Transformer, tokenizer, cfg: FrontierRunConfig) -> 
     return np.concatenate(rows)
 
 
+def checkpoint_tokens(run_dir: str | Path) -> int | None:
+    """Tokens the latest checkpoint of a training run had seen (its metadata), None without a checkpoint."""
+    checkpointer = Checkpointer(run_dir, keep=1, read_only=True)
+    try:
+        step = checkpointer.latest_step()
+        if step is None:
+            return None
+        meta = checkpointer.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return int(meta["tokens_seen"])
+    finally:
+        checkpointer.close()
+
+
+def training_curve(run_dir: str | Path) -> list[list[float]]:
+    """[tokens, val perplexity web, pydocs, sparsity] of every evaluation in a run's history (the training
+    evaluation's rows, not the frontier's tokens)."""
+    path = Path(run_dir) / "history.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [[r["tokens"] if r["kind"] == "eval" else "original", r.get("val_perplexity_web", math.nan),
+             r.get("val_perplexity_pydocs", math.nan), r["sparsity"]]
+            for r in records if r["kind"] in ("eval", "baseline")]
+
+
 def _trained_row(label: str, path: str, tokens: dict[str, np.ndarray], cfg: FrontierConfig) -> dict[str, Any]:
     model, tokenizer = build_model(ModelSpec(source=WeightSource.checkpoint, path=path))
     point = {**evaluate_point(model, tokens, cfg), "samples": greedy_samples(model, tokenizer, cfg)}
+    config_path = Path(path) / "config.json"
+    command = f"python experiments/train.py (run directory {path}; its config.json)"
     summary_path = Path(path) / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    return {**point, "method": label, "target": float("nan"), "trained_tokens": summary.get("tokens"),
-            "command": summary.get("command", f"(run directory {path}: unfinished)"),
-            "activation": model.config.activation.value}
+    if summary_path.exists():
+        command = json.loads(summary_path.read_text()).get("command", command)
+    return {**point, "method": label, "target": float("nan"), "trained_tokens": checkpoint_tokens(path),
+            "command": command, "activation": model.config.activation.value, "run_dir": str(path),
+            "train_config": json.loads(config_path.read_text()) if config_path.exists() else None}
 
 
 def run(cfg: FrontierRunConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -297,6 +327,11 @@ def write_frontier_result(cfg: FrontierRunConfig, rows: list[dict[str, Any]], co
         tables.append({"title": "Greedy samples", "columns": ["row", "prompt", "continuation"],
                        "rows": [[row["method"], prompt, sample] for row in sampled
                                 for prompt, sample in zip(f.prompts, row["samples"], strict=False)]})
+    curves = {row["method"]: training_curve(row["run_dir"]) for row in rows if row.get("run_dir")}
+    for label, curve in curves.items():
+        if curve:
+            tables.append({"title": f"Training curve of {label}", "columns": [
+                "tokens", "val_perplexity_web", "val_perplexity_pydocs", "sparsity"], "rows": curve})
     if trained:
         tables.append({"title": "Trained rows: how each was made", "columns": ["row", "activation", "tokens trained",
                                                                                  "command"], "rows": trained})
@@ -307,7 +342,9 @@ def write_frontier_result(cfg: FrontierRunConfig, rows: list[dict[str, Any]], co
         "exactly zero (trained rows). Training-free thresholds are calibrated per layer on "
         f"{f.calibration_tokens:,} training-split tokens of each corpus (stat_topk needs none: its cutoff is "
         "mean + z std of each token's gate pre-activations, z = Phi^-1(target)). teal_greedy spreads the target over "
-        "layers where the measured FFN-output error grows least; teal uses the same target in every layer."
+        "layers where the measured FFN-output error grows least; teal uses the same target in every layer. A trained "
+        "row is its run's latest checkpoint when the frontier ran (`tokens trained`); its training curve is the "
+        "run's own validation (rows of its sequence length), for the slope."
     )
     return write_result(cfg.record_as, metrics, command=command, notes=notes, tables=tables,
                         title=f"Perplexity-sparsity frontier of {rows[0].get('model', cfg.model.preset)}",

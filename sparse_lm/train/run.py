@@ -243,7 +243,7 @@ def run(cfg: TrainRunConfig, run_dir: str | Path) -> dict[str, Any]:
 
     with tracker:
         if start == 0:
-            baseline_eval(original, cfg, val_rows, history)
+            baseline_eval(original, cfg, val_sets, history)
             evaluate_now(0)
         batches = batch_iterator(
             PackedSequences(train_rows, np.ones(train_rows.shape, bool)), t.batch_size, shuffle=True, seed=t.seed,
@@ -313,12 +313,18 @@ def run(cfg: TrainRunConfig, run_dir: str | Path) -> dict[str, Any]:
     return summary
 
 
-def baseline_eval(original: Transformer | None, cfg: TrainRunConfig, val_rows: np.ndarray, history: History) -> None:
-    """For a pretrained model whose activation was swapped: the original model's loss and sparsity."""
+def baseline_eval(
+    original: Transformer | None, cfg: TrainRunConfig, val_sets: dict[str, np.ndarray], history: History
+) -> None:
+    """For a pretrained model whose activation was swapped: the original model's loss and sparsity, over all the
+    validation rows and per corpus."""
     if original is None:
         return
-    result = evaluate(original, val_rows, cfg.eval.batch_size)
-    history.append({**_eval_record("baseline", 0, 0, result, {}), "activation": original.config.activation.value})
+    parts = {name: evaluate(original, rows, cfg.eval.batch_size) for name, rows in val_sets.items()}
+    per_corpus = {f"val_perplexity_{name}": part.perplexity for name, part in parts.items()} if len(parts) > 1 else {}
+    result = combine(list(parts.values()))
+    history.append({**_eval_record("baseline", 0, 0, result, per_corpus),
+                    "activation": original.config.activation.value})
 
 
 def finish(
@@ -369,6 +375,8 @@ def finish(
         summary["baseline_val_perplexity"], summary["baseline_sparsity"] = (
             baseline["val_perplexity"], baseline["sparsity"]
         )
+        for key in [k for k in baseline if k.startswith("val_perplexity_")]:
+            summary[f"baseline_{key}"] = baseline[key]
     summary["command"] = current_command()
     atomic_write_json(run_dir / SUMMARY_FILE, summary)
     if cfg.record_as:

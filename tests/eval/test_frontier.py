@@ -67,7 +67,7 @@ def test_trained_run_is_a_row_with_its_exact_zeros_and_command(text_file, tmp_pa
     from sparse_lm.train.run import run as train
     from tests.train.conftest import tiny_run_config
 
-    train_summary = train(tiny_run_config(text_file, tmp_path, steps=2), tmp_path / "train")
+    train_summary = train(tiny_run_config(text_file, tmp_path, steps=2, eval_every=2), tmp_path / "train")
     summary = run(_config(tmp_path, methods=("teal",), targets=(0.5,), trained={"drelu": str(tmp_path / "train")}),
                   tmp_path / "run")
     row = summary["rows"][-1]
@@ -76,3 +76,6 @@ def test_trained_run_is_a_row_with_its_exact_zeros_and_command(text_file, tmp_pa
     # dReLU zeroes about three quarters of a random model's hidden values (both gate and up must be positive)
     assert 0.6 < row["sparsity_web"] < 0.9
     assert len(row["samples"]) == 1
+    record = json.loads((tmp_path / "results" / "frontier_tiny.json").read_text())
+    curve = next(t for t in record["tables"] if t["title"] == "Training curve of drelu")
+    assert [r[0] for r in curve["rows"]] == [0, train_summary["tokens"]]  # the run's evaluations at steps 0 and 2
