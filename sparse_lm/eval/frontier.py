@@ -43,9 +43,9 @@ from sparse_lm.profiling.training_free import (
     install_rule,
 )
 from sparse_lm.results import current_command, write_result
-from sparse_lm.train.checkpoint import Checkpointer
 from sparse_lm.tracking import TrackerConfig, make_tracker
 from sparse_lm.tracking.base import to_jsonable
+from sparse_lm.train.checkpoint import Checkpointer
 from sparse_lm.utils.io import atomic_write_json
 
 CORPORA = (Corpus.web, Corpus.pydocs)
