@@ -163,3 +163,31 @@ def test_run_calibrates_gate_thresholds_to_the_target_and_resumes_with_them(text
     assert json.loads((tmp_path / "run" / "model_config.json").read_text())["ffn_thresholds"] == \
         saved["ffn_thresholds"]
     assert again["val_perplexity"] == pytest.approx(summary["val_perplexity"])
+
+
+def test_distilled_staged_run_resumes_to_the_same_losses(text_file, tmp_path):
+    """Stopped at step 3 (a diverging step: nothing saved after the step-2 checkpoint) and rerun, a run with a
+    teacher, calibrated thresholds and a staged swap continues exactly as the uninterrupted run."""
+    from sparse_lm.train.run import TrainingDivergedError
+
+    def config(nan_at_step):
+        cfg = tiny_run_config(text_file, tmp_path, steps=6, checkpoint_every=2, eval_every=100,
+                              nan_at_step=nan_at_step)
+        return dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, activation="reglu"),
+            distill=DistillConfig(kl_weight=1.0, ffn_weight=0.5),
+            swap=SwapConfig(target_sparsity=0.7, calibration_tokens=512, stages=2, stage_steps=3),
+        )
+
+    def losses(run_dir):
+        lines = (run_dir / "history.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss"], r["kl"], r["ffn_match"], r["swapped_layers"])
+                for r in map(json.loads, lines) if r["kind"] == "train"]
+
+    run(config(None), tmp_path / "whole")
+    with pytest.raises(TrainingDivergedError):
+        run(config(2), tmp_path / "parts")  # step index 2 is the third step
+    run(config(None), tmp_path / "parts")
+    whole, parts = losses(tmp_path / "whole"), losses(tmp_path / "parts")
+    assert [r[0] for r in parts] == [1, 2, 3, 4, 5, 6] and [r[4] for r in parts] == [1, 1, 1, 2, 2, 2]
+    np.testing.assert_allclose(np.array(parts)[:, 1:4], np.array(whole)[:, 1:4], rtol=1e-6)
