@@ -159,6 +159,7 @@ class DecodeBar(NamedTuple):
 
 
 DENSE_COLOR, SPARSE_COLOR = "0.6", "tab:blue"  # the same in both panels
+ORIGINAL_COLOR = "0.85"  # the model before its ReLU-fication
 # (metric, its runs, tick label, colour) per decode bar; llama.cpp's is drawn only when the run measured it
 DECODE_BARS = (
     ("tokens_per_s_dense", "tokens_per_s_dense_runs", "dense\n(sparse_lm)", DENSE_COLOR),
@@ -273,21 +274,31 @@ def _decode_panel(ax: Axes, result: dict[str, Any]) -> None:
 
 def _perplexity_panel(ax: Axes, result: dict[str, Any]) -> None:
     """(b) validation perplexity dense against sparse, the sparse engine's change written over its bar, and the
-    budget (dense + PERPLEXITY_BUDGET) as a dashed line."""
+    budget (dense + PERPLEXITY_BUDGET) as a dashed line; with `perplexity_original` (a ReLU-fied model's original,
+    measured in the same run) a first bar for it, so the cost of the ReLU-fication itself is visible."""
     values = _required(result, ["perplexity_dense", "perplexity_sparse"])
     dense, sparse = values["perplexity_dense"], values["perplexity_sparse"]
-    drawn = ax.bar([0, 1], [dense, sparse], width=BAR_WIDTH, color=[DENSE_COLOR, SPARSE_COLOR], edgecolor="0.3")
-    ax.bar_label(drawn, labels=[f"{dense:.2f}", f"{sparse:.2f}"], label_type="center", fontsize=10)
-    ax.set_xticks([0, 1], ["dense", "sparse engine"])
-    ax.annotate(f"{sparse / dense - 1:+.1%} vs dense", (1, sparse), textcoords="offset points", xytext=(0, 3),
-                ha="center", va="bottom", fontsize=9, color=SPARSE_COLOR)
+    original = result["metrics"].get("perplexity_original")
+    labels, heights, colors = ["dense", "sparse engine"], [dense, sparse], [DENSE_COLOR, SPARSE_COLOR]
+    if finite(original):
+        labels = [f"original ({result['metrics'].get('original_activation', 'dense')})", "ReLU-fied dense",
+                  "sparse engine"]
+        heights, colors = [original, dense, sparse], [ORIGINAL_COLOR, DENSE_COLOR, SPARSE_COLOR]
+    positions = list(range(len(heights)))
+    drawn = ax.bar(positions, heights, width=BAR_WIDTH, color=colors, edgecolor="0.3")
+    ax.bar_label(drawn, labels=[f"{h:.2f}" for h in heights], label_type="center", fontsize=10)
+    ax.set_xticks(positions, labels, fontsize=8 if len(labels) == 3 else None)
+    ax.annotate(f"{sparse / dense - 1:+.1%} vs dense", (positions[-1], sparse), textcoords="offset points",
+                xytext=(0, 3), ha="center", va="bottom", fontsize=9, color=SPARSE_COLOR)
+    if finite(original):
+        ax.annotate(f"{dense / original - 1:+.1%} vs original", (positions[1], dense), textcoords="offset points",
+                    xytext=(0, 3), ha="center", va="bottom", fontsize=8, color=DENSE_COLOR)
     budget = (1 + PERPLEXITY_BUDGET) * dense
     ax.axhline(budget, color="tab:red", ls="--", lw=1.2)
-    # written over the dense bar, where no bar rises to the line
-    ax.annotate(f"{PERPLEXITY_BUDGET:.0%} budget", (0, budget), textcoords="offset points", xytext=(0, 2),
-                ha="center", va="bottom", fontsize=8, color="tab:red")
-    ax.set_xlim(-0.6, 1.6)
-    ax.set_ylim(0, BAR_HEADROOM * max(dense, sparse, budget))
+    ax.annotate(f"{PERPLEXITY_BUDGET:.0%} budget", (positions[-2], budget), textcoords="offset points",
+                xytext=(0, 2), ha="center", va="bottom", fontsize=8, color="tab:red")
+    ax.set_xlim(-0.6, positions[-1] + 0.6)
+    ax.set_ylim(0, BAR_HEADROOM * max(*heights, budget))
     tokens = result["metrics"].get("perplexity_tokens")
     ax.set_ylabel("validation perplexity (lower is better)")
     ax.set_title(f"(b) perplexity{f' on {count(tokens)} validation tokens' if finite(tokens) else ''}", fontsize=10)

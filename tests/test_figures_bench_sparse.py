@@ -142,6 +142,17 @@ def test_perplexity_panel(tmp_path, bench):
     assert ppl_ax.get_title() == "(b) perplexity on 16.4k validation tokens"
 
 
+def test_perplexity_panel_shows_the_original_model_first(tmp_path, bench):
+    fig = bench.bench_sparse_figure(write_sparse(tmp_path, perplexity_original=20.0, original_activation="swiglu"))
+    _, ppl_ax = fig.axes
+    np.testing.assert_allclose([bar.get_height() for bar in ppl_ax.patches], [20.0, PPL_DENSE, PPL_SPARSE])
+    assert [label.get_text() for label in ppl_ax.get_xticklabels()] == [
+        "original (swiglu)", "ReLU-fied dense", "sparse engine"]
+    assert text_at(ppl_ax, "+150.0% vs original") == (1, PPL_DENSE)
+    assert text_at(ppl_ax, "+5.0% vs dense") == (2, PPL_SPARSE)
+    assert text_at(ppl_ax, "2% budget") == pytest.approx((1, 1.02 * PPL_DENSE))
+
+
 def test_titles(tmp_path, bench):
     fig = bench.bench_sparse_figure(write_sparse(tmp_path))
     assert fig.get_suptitle() == ("Sparse decode engine against dense: smollm2_135m, batch 1, f32\n"

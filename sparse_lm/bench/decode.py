@@ -24,10 +24,11 @@ from sparse_lm.bench.bandwidth import measure_read_bandwidth
 from sparse_lm.bench.sparse_decode import compare
 from sparse_lm.data import DataConfig
 from sparse_lm.eval.generate import Generator, prompt_bucket
-from sparse_lm.models.loading import ModelSpec, build_model
+from sparse_lm.models.loading import ModelSpec, WeightSource, build_model
 from sparse_lm.results import current_command, write_result
 from sparse_lm.sparse import SparseEngineConfig
 from sparse_lm.tracking.base import to_jsonable
+from sparse_lm.train.checkpoint import original_model_spec
 from sparse_lm.utils.io import atomic_write_json
 
 # llama.cpp (CPU build, -march=native), SmolLM2-135M F32, 2 threads, 128 tokens, measured on this machine
@@ -180,7 +181,7 @@ def run(cfg: DecodeBenchConfig, run_dir: str | Path) -> dict[str, Any]:
             cfg.predictor_kind is PredictorKind.int4 else None, sparse=cfg.sparse, data=cfg.data,
             new_tokens=cfg.new_tokens, repeats=cfg.repeats, calibration_tokens=cfg.calibration_tokens,
             perplexity_tokens=cfg.perplexity_tokens, context=cfg.perplexity_context, dense_weight_bytes=n_bytes,
-            bandwidth=bandwidth, progress=cfg.progress, peer=peer,
+            bandwidth=bandwidth, progress=cfg.progress, peer=peer, original=original_of(cfg.model),
         ))
     if peer is not None:
         peer.close()
@@ -207,6 +208,14 @@ def run(cfg: DecodeBenchConfig, run_dir: str | Path) -> dict[str, Any]:
     return summary
 
 
+def original_of(spec: ModelSpec):
+    """The model a trained checkpoint was ReLU-fied from (None for other sources or a from-scratch run)."""
+    if spec.source is not WeightSource.checkpoint:
+        return None
+    original_spec = original_model_spec(spec.path)
+    return None if original_spec is None else build_model(original_spec)[0]
+
+
 def write_sparse_result(cfg: DecodeBenchConfig, summary: dict[str, Any]) -> Path:
     keys = ("model", "tokens_per_s_dense", "tokens_per_s_sparse", "sparse_speedup", "perplexity_dense",
             "perplexity_sparse", "perplexity_change", "predicted_active_mean", "capacity_mean_fraction",
@@ -217,7 +226,8 @@ def write_sparse_result(cfg: DecodeBenchConfig, summary: dict[str, Any]) -> Path
     optional_keys = ("llama_cpp_tokens_per_s", "llama_cpp_tokens_per_s_runs", "llama_cpp_first_tokens",
                      "llama_cpp_threads", "tokens_per_s_llama_cpp_interleaved", "sparse_over_llama_cpp",
                      "int4_target_recall", "recall_validation_mean", "true_active_mean", "gate_passed_mean",
-                     "fired_predicted_mean")
+                     "fired_predicted_mean", "perplexity_original", "perplexity_sparse_over_original",
+                     "original_activation")
     metrics = {k: summary[k] for k in keys} | {k: summary[k] for k in optional_keys if k in summary}
     return write_result(
         cfg.record_as, metrics, command=current_command(),
@@ -239,7 +249,8 @@ def write_sparse_result(cfg: DecodeBenchConfig, summary: dict[str, Any]) -> Path
             "the float32 gate row of each predicted one, the up row only where the gate passed and the down row "
             "only where the activation is not zero; the floor counts those rows on validation tokens. "
             "`tokens_per_s_ffn_free`: the same decode step with every FFN skipped (output zero), measured "
-            "interleaved with the others: the ceiling of any sparse FFN."
+            "interleaved with the others: the ceiling of any sparse FFN. `perplexity_original`: the model before "
+            "its ReLU-fication (for a trained checkpoint) on the same validation tokens."
         ),
         results_dir=cfg.results_dir,
     )

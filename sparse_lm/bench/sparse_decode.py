@@ -38,8 +38,9 @@ class SkipFFN(nnx.Module):
 def compare(model, tokenizer, prompt: list[int], *, predictors_dir: str, int4_recall: float | None,
             sparse: SparseEngineConfig, data: DataConfig, new_tokens: int, repeats: int, calibration_tokens: int,
             perplexity_tokens: int, context: int, dense_weight_bytes: int, bandwidth: float, progress: bool,
-            peer=None) -> dict[str, Any]:
+            peer=None, original=None) -> dict[str, Any]:
     """Dense and sparse tokens/s (median of interleaved repeats) and perplexities; model is left dense.
+    `original`: the model before its ReLU-fication, whose perplexity on the same tokens is reported beside.
 
     The predictors are the trained ones in `predictors_dir`, or with `int4_recall` int4 predictors built from the
     model and calibrated to that recall on the calibration tokens."""
@@ -80,6 +81,12 @@ def compare(model, tokenizer, prompt: list[int], *, predictors_dir: str, int4_re
         perplexity_sparse = perplexity(model, validation, context=context, progress=progress).perplexity
     finally:
         remove(model)
+    original_summary = {}
+    if original is not None:
+        perplexity_original = perplexity(original, validation, context=context, progress=progress).perplexity
+        original_summary = {"perplexity_original": perplexity_original,
+                            "perplexity_sparse_over_original": perplexity_sparse / perplexity_original - 1,
+                            "original_activation": original.config.activation.value}
     mean_predicted = counts.mean(axis=1)
     row_bytes = config.d_model * 4
     ffn_row_bytes = (3 if config.activation.gated else 2) * row_bytes
@@ -109,7 +116,7 @@ def compare(model, tokenizer, prompt: list[int], *, predictors_dir: str, int4_re
     if peer_runs:
         peer_summary = {"tokens_per_s_llama_cpp_interleaved": statistics.median(peer_runs),
                         "sparse_over_llama_cpp": sparse_tps / statistics.median(peer_runs)}
-    return peer_summary | int4_summary | {
+    return peer_summary | int4_summary | original_summary | {
         "predictor_kind": "trained" if int4_recall is None else "int4",
         "predictor_bytes": predictors.nbytes(),
         "huge_page_bytes": huge,

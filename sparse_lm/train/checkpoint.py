@@ -157,3 +157,19 @@ def load_trained(
         values.append(jnp.asarray(restored["arrays"][key], leaf.dtype))
     nnx.update(model, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), values))
     return model, tokenizer
+
+
+def original_model_spec(run_dir: str | Path):
+    """The ModelSpec of the model a training run started from, before its activation swap and thresholds (the
+    original a ReLU-fied model is compared with); None for a run trained from random weights."""
+    from sparse_lm.models.loading import ModelSpec, WeightSource  # loading builds checkpoints through this module
+
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: model.path must be a run directory of experiments/train.py")
+    spec = json.loads(path.read_text())["model"]
+    if spec["source"] == WeightSource.random.value:
+        return None
+    spec.update(activation=None, ffn_thresholds=None, ffn_threshold_on=None)
+    return ModelSpec(**spec)
+

@@ -191,3 +191,19 @@ def test_distilled_staged_run_resumes_to_the_same_losses(text_file, tmp_path):
     whole, parts = losses(tmp_path / "whole"), losses(tmp_path / "parts")
     assert [r[0] for r in parts] == [1, 2, 3, 4, 5, 6] and [r[4] for r in parts] == [1, 1, 1, 2, 2, 2]
     np.testing.assert_allclose(np.array(parts)[:, 1:4], np.array(whole)[:, 1:4], rtol=1e-6)
+
+
+def test_original_model_spec_drops_the_swap(tmp_path):
+    from sparse_lm.train.checkpoint import original_model_spec
+
+    model = {"preset": "smollm2_135m", "source": "gguf", "path": None, "seed": 0, "activation": "reglu",
+             "d_ff": None, "ffn_param_match": False, "ffn_thresholds": [0.5], "ffn_threshold_on": "gate",
+             "tokenizer_path": None}
+    (tmp_path / "config.json").write_text(json.dumps({"model": model}))
+    spec = original_model_spec(tmp_path)
+    assert spec.activation is None and spec.ffn_thresholds is None and spec.ffn_threshold_on is None
+    assert spec.source.value == "gguf" and spec.preset == "smollm2_135m"
+    (tmp_path / "config.json").write_text(json.dumps({"model": {**model, "source": "random"}}))
+    assert original_model_spec(tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        original_model_spec(tmp_path / "nowhere")
