@@ -41,6 +41,7 @@ from sparse_lm.profiling.training_free import (
     error_curves,
     ffn_inputs,
     install_rule,
+    loss_curves,
 )
 from sparse_lm.results import current_command, write_result
 from sparse_lm.tracking import TrackerConfig, make_tracker
@@ -52,16 +53,21 @@ CORPORA = (Corpus.web, Corpus.pydocs)
 GREEDY_GRID = np.round(np.arange(0.0, 0.975, 0.025), 3)
 
 
+LOSS_GRID = np.array([0.0, 0.3, 0.5, 0.65, 0.75, 0.8, 0.85, 0.9, 0.95])
+LOSS_WINDOWS = 2  # calibration windows per corpus on which each layer's loss sensitivity is measured
+
+
 class Method(str, enum.Enum):
     teal = "teal"
-    teal_greedy = "teal_greedy"  # TEAL's scores, per-layer targets from the measured error curves
+    teal_greedy = "teal_greedy"  # TEAL's scores, per-layer targets allocated on each layer's measured loss increase
+    teal_greedy_output = "teal_greedy_output"  # the same, allocated on each layer's FFN-output error instead
     cats = "cats"
     stat_topk = "stat_topk"
     wina = "wina"
 
     @property
     def rule(self) -> Rule:
-        return Rule.teal if self is Method.teal_greedy else Rule(self.value)
+        return Rule.teal if self in (Method.teal_greedy, Method.teal_greedy_output) else Rule(self.value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,7 +265,7 @@ def run(cfg: FrontierRunConfig, run_dir: str | Path) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     plan = [("dense", None)] + [(m, t) for m in f.methods for t in f.targets]
     with tracker:
-        inputs, curves = None, None
+        inputs, calibration, curves = None, None, {}
         bar = tqdm(total=len(plan) + len(f.trained), desc="frontier", unit="point", disable=not f.progress)
         for method, target in plan:
             key = "dense" if method == "dense" else f"{method.value}_{round(100 * target)}"
@@ -271,12 +277,21 @@ def run(cfg: FrontierRunConfig, run_dir: str | Path) -> dict[str, Any]:
                              "samples": greedy_samples(model, tokenizer, f)}
                 else:
                     if inputs is None:
-                        inputs = ffn_inputs(model, _calibration_rows(model, tokenizer, cfg), f.batch_size)
+                        calibration = _calibration_rows(model, tokenizer, cfg)
+                        inputs = ffn_inputs(model, calibration, f.batch_size)
                     layer_targets: float | np.ndarray = target
+                    if method is Method.teal_greedy_output:
+                        if method not in curves:
+                            curves[method] = error_curves(Rule.teal, model, inputs, GREEDY_GRID)
+                        layer_targets = allocate_layer_sparsity(curves[method], GREEDY_GRID, target)
                     if method is Method.teal_greedy:
-                        if curves is None:
-                            curves = error_curves(Rule.teal, model, inputs, GREEDY_GRID)
-                        layer_targets = allocate_layer_sparsity(curves, GREEDY_GRID, target)
+                        if method not in curves:
+                            # the first LOSS_WINDOWS windows of each corpus's calibration rows
+                            per_corpus = len(calibration) // len(CORPORA)
+                            windows = np.concatenate([calibration[i * per_corpus: i * per_corpus + LOSS_WINDOWS]
+                                                      for i in range(len(CORPORA))])
+                            curves[method] = loss_curves(Rule.teal, model, inputs, windows, LOSS_GRID, f.batch_size)
+                        layer_targets = allocate_layer_sparsity(curves[method], LOSS_GRID, target)
                     thresholds = calibrate_rule(method.rule, model, inputs, layer_targets)
                     install_rule(model, method.rule, thresholds)
                     point = {**evaluate_point(model, tokens, f), "method": method.value, "target": target,
@@ -342,7 +357,9 @@ def write_frontier_result(cfg: FrontierRunConfig, rows: list[dict[str, Any]], co
         "exactly zero (trained rows). Training-free thresholds are calibrated per layer on "
         f"{f.calibration_tokens:,} training-split tokens of each corpus (stat_topk needs none: its cutoff is "
         "mean + z std of each token's gate pre-activations, z = Phi^-1(target)). teal_greedy spreads the target over "
-        "layers where the measured FFN-output error grows least; teal uses the same target in every layer. A trained "
+        "layers where each layer's measured loss increase (that layer alone sparsified, on "
+        f"{LOSS_WINDOWS} calibration windows per corpus) grows least; teal_greedy_output does the same on each "
+        "layer's FFN-output squared error; teal uses the same target in every layer. A trained "
         "row is its run's latest checkpoint when the frontier ran (`tokens trained`); its training curve is the "
         "run's own validation (rows of its sequence length), for the slope."
     )

@@ -9,8 +9,9 @@ each token's own statistics:
   (the Gaussian top-k of Spark Transformer / Gemma 3n: the k largest without sorting). No calibration.
 - wina: |a_i| * ||W_down[i]||, the activation weighted by the norm of the row it multiplies (WINA).
 The rules run as FFN executors (`install_rule`), so the model itself is not changed.
-`allocate_layer_sparsity` spreads a mean target over layers from measured per-layer error curves (TEAL's
-greedy allocation) instead of a uniform target.
+`allocate_layer_sparsity` spreads a mean target over layers from measured per-layer error curves (greedy, one
+grid step at a time where the error grows least) instead of a uniform target: the curves are either each layer's
+FFN-output error (`error_curves`) or its measured effect on the loss (`loss_curves`).
 Legend: T tokens, D d_model, F d_ff, N layers.
 """
 
@@ -75,19 +76,22 @@ def stat_topk_cutoff(target_sparsity: float) -> float:
 
 
 class RuleExecutor(nnx.Module):
-    """Runs an FFN keeping only the neurons whose `rule` score exceeds `threshold`."""
+    """Runs an FFN keeping only the neurons whose `rule` score exceeds `threshold` (-inf keeps every neuron).
+
+    The threshold is a state variable, not a constant of the program: changing it needs no recompilation.
+    """
 
     def __init__(self, rule: Rule, threshold: float):
         self.rule = Rule(rule)
-        self.threshold = float(threshold)
+        self.threshold = nnx.Variable(jnp.float32(threshold))
 
     def keep_mask(self, ffn: FFN, x: Float[Array, "... D"]) -> Array:
         score, _ = neuron_scores(self.rule, ffn, x)
-        return score > self.threshold
+        return score > self.threshold[...]
 
     def __call__(self, ffn: FFN, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
         score, hidden = neuron_scores(self.rule, ffn, x)
-        return jnp.where(score > self.threshold, hidden, 0.0) @ ffn.w_down[...]
+        return jnp.where(score > self.threshold[...], hidden, 0.0) @ ffn.w_down[...]
 
 
 def install_rule(model: Transformer, rule: Rule | None, thresholds: np.ndarray | None) -> None:
@@ -157,9 +161,42 @@ def error_curves(
     return curves
 
 
+def loss_curves(
+    rule: Rule, model: Transformer, inputs: list[np.ndarray], rows: np.ndarray, grid: np.ndarray, batch_size: int,
+) -> np.ndarray:
+    """[N, len(grid)]: per layer, the increase of the mean next-token loss on `rows` when `rule` keeps 1 - s of that
+    layer's neurons (thresholds calibrated on `inputs`) and every other layer stays dense: each layer's measured
+    sensitivity, on the same tokens for every point (so the differences are paired, not noise)."""
+    n_layers = model.config.n_layers
+    thresholds = np.stack([calibrate_rule(rule, model, inputs, s) for s in grid], axis=1)  # [N, G]
+    install_rule(model, rule, np.full(n_layers, -math.inf))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def mean_nll(state, tokens):
+        logits, _ = nnx.merge(graphdef, state)(tokens[:, :-1])
+        log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return -jnp.mean(jnp.take_along_axis(log_p, tokens[:, 1:, None], axis=-1))
+
+    def loss() -> float:
+        state = nnx.state(model)
+        return float(np.mean([float(mean_nll(state, rows[i : i + batch_size]))
+                              for i in range(0, len(rows), batch_size)]))
+
+    base = loss()
+    curves = np.zeros((n_layers, len(grid)))
+    for layer, block in enumerate(model.blocks):
+        for j in range(len(grid)):
+            block.ffn.executor.threshold[...] = jnp.float32(thresholds[layer, j])
+            curves[layer, j] = loss() - base if grid[j] > 0 else 0.0
+        block.ffn.executor.threshold[...] = jnp.float32(-math.inf)
+    install_rule(model, None, None)
+    return curves
+
+
 def allocate_layer_sparsity(curves: np.ndarray, grid: np.ndarray, target: float) -> np.ndarray:
     """Per-layer sparsities on `grid` whose mean reaches `target`, raising one layer a grid step at a time where
-    the output error grows least (TEAL's greedy allocation; optimal for convex curves)."""
+    the error grows least (optimal for convex, additive curves)."""
     if not 0 <= target < grid[-1]:
         raise ValueError(f"target {target} must be in [0, {grid[-1]})")
     position = np.zeros(len(curves), dtype=int)

@@ -85,6 +85,29 @@ def test_greedy_allocation_gives_sparsity_to_the_layers_that_lose_least():
         allocate_layer_sparsity(np.stack([cheap, costly]), grid, 0.95)
 
 
+def test_loss_curves_measure_one_layer_at_a_time_and_leave_the_model_dense(model):
+    from sparse_lm.profiling.training_free import loss_curves
+
+    rows = np.asarray(jax.random.randint(jax.random.key(4), (2, 33), 0, TINY.vocab_size))
+    inputs = ffn_inputs(model, rows, batch_size=2)
+    grid = np.array([0.0, 0.5, 0.95])
+    curves = loss_curves(Rule.teal, model, inputs, rows, grid, batch_size=2)
+    assert curves.shape == (2, 3) and np.all(curves[:, 0] == 0.0)
+    assert np.all(np.abs(curves[:, 2]) > 1e-5)  # dropping 95% of a layer's neurons moves the loss
+    assert all(block.ffn.executor is None for block in model.blocks)
+    # layer 1 at 95% by hand: its threshold alone, the other layer dense
+    thresholds = calibrate_rule(Rule.teal, model, inputs, 0.95)
+    install_rule(model, Rule.teal, np.array([-math.inf, thresholds[1]]))
+
+    def loss():
+        logits, _ = model(jnp.asarray(rows[:, :-1]))
+        return float(-jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(rows[:, 1:, None]), -1)))
+
+    sparse_loss = loss()
+    install_rule(model, None, None)
+    np.testing.assert_allclose(curves[1, 2], sparse_loss - loss(), rtol=1e-4, atol=1e-6)
+
+
 def test_error_curves_start_at_zero_and_grow(model):
     rows = np.asarray(jax.random.randint(jax.random.key(3), (2, 32), 0, TINY.vocab_size))
     inputs = ffn_inputs(model, rows, batch_size=2)
