@@ -16,7 +16,8 @@ pytestmark = pytest.mark.real_corpus
 
 
 def _config(tmp_path, **changes) -> FrontierRunConfig:
-    frontier = dict(methods=("teal", "stat_topk", "teal_greedy", "teal_greedy_output"), targets=(0.5, 0.8), tokens=512, context=64,
+    frontier = dict(methods=("teal", "stat_topk", "teal_greedy", "teal_greedy_output"), targets=(0.5, 0.8),
+                    tokens=512, context=64,
                     calibration_tokens=256, sparsity_windows=2, progress=False,
                     prompts=("In the beginning",), sample_tokens=5)
     frontier.update(changes)
