@@ -99,7 +99,7 @@ def test_registry_maps_bench_ffn_results(make_figures, bench):
     registered = set(sys.modules[make_figures.find_figure.__module__].FIGURES)
     assert registered == {"bench_ffn", "bench_sparse", "decode_benchmark", "profile", "teal", "scratch_ffn_sweep",
                           "relufy", "predictors", "predictor_scaling", "predictor_sweep", "cost_model_validation",
-                          "place_sweep", "bench_disk_tier"}
+                          "place_sweep", "bench_disk_tier", "frontier"}
 
 
 def test_implementations_from_column_names(bench):

@@ -142,7 +142,7 @@ def test_fatrelu_presets_run(preset, extra, tmp_path):
     assert summary["ffn_threshold_on"] == "gate" and len(summary["ffn_thresholds"]) == 30
     assert summary["baseline_activation"] == "swiglu"
     # thresholds at the 85% quantile of the original gate values: about 85% exact zeros in every swapped layer
-    swapped_share = 1 / 3 if preset == "relufy_recipe_sweep" else 1.0  # staged: 10 of 30 layers at step 0
+    swapped_share = 1 / cfg.swap.stages  # staged recipes: 10 of 30 layers at step 0
     assert 0.8 * swapped_share < summary["start_sparsity"] < 0.9 * swapped_share
     assert summary["flops_per_token"] >= 6 * summary["params"] and 0 < summary["mfu"] < 1
     if preset == "relufy_recipe_sweep":
