@@ -229,6 +229,23 @@ def training_curve(run_dir: str | Path) -> list[list[float]]:
             for r in records if r["kind"] in ("eval", "baseline")]
 
 
+def training_throughput(run_dir: str | Path) -> dict[str, float]:
+    """Median tokens/s of a run's training steps and the model FLOP utilisation against the f32 matmul peak the run
+    measured when it started (or resumed): {} before its first logged step."""
+    path = Path(run_dir) / "history.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    steps = [r["tokens_per_s"] for r in records if r["kind"] == "train"]
+    peaks = [r for r in records if r["kind"] == "throughput"]
+    if not steps:
+        return {}
+    out = {"tokens_per_s": float(np.median(steps)), "tokens_per_hour": 3600 * float(np.median(steps))}
+    if peaks:
+        peak = max(p["matmul_peak_gflops"] for p in peaks) * 1e9 * peaks[-1]["devices"]
+        out.update(matmul_peak_gflops=peak / 1e9, flops_per_token=peaks[-1]["flops_per_token"],
+                   mfu=out["tokens_per_s"] * peaks[-1]["flops_per_token"] / peak)
+    return out
+
+
 def _trained_row(label: str, path: str, tokens: dict[str, np.ndarray], cfg: FrontierConfig) -> dict[str, Any]:
     model, tokenizer = build_model(ModelSpec(source=WeightSource.checkpoint, path=path))
     point = {**evaluate_point(model, tokens, cfg), "samples": greedy_samples(model, tokenizer, cfg)}
@@ -237,7 +254,8 @@ def _trained_row(label: str, path: str, tokens: dict[str, np.ndarray], cfg: Fron
     summary_path = Path(path) / "summary.json"
     if summary_path.exists():
         command = json.loads(summary_path.read_text()).get("command", command)
-    return {**point, "method": label, "target": float("nan"), "trained_tokens": checkpoint_tokens(path),
+    return {**point, **training_throughput(path), "method": label, "target": float("nan"),
+            "trained_tokens": checkpoint_tokens(path),
             "command": command, "activation": model.config.activation.value, "run_dir": str(path),
             "train_config": json.loads(config_path.read_text()) if config_path.exists() else None}
 
@@ -333,8 +351,8 @@ def write_frontier_result(cfg: FrontierRunConfig, rows: list[dict[str, Any]], co
         label = row["method"] if math.isnan(row["target"]) else f"{row['method']}_{round(100 * row['target'])}"
         metrics[f"{label}_increase_web"] = row["increase_percent_web"]
         metrics[f"{label}_increase_pydocs"] = row["increase_percent_pydocs"]
-    trained = [[row["method"], row.get("activation"), row.get("trained_tokens"), row["command"]]
-               for row in rows if math.isnan(row["target"])]
+    trained = [[row["method"], row.get("activation"), row.get("trained_tokens"), row.get("tokens_per_s", math.nan),
+                row.get("mfu", math.nan), row["command"]] for row in rows if math.isnan(row["target"])]
     tables = [{"title": "Perplexity against FFN sparsity (same tokens and context for every row)",
                "columns": list(COLUMNS), "rows": table}]
     sampled = [row for row in rows if row.get("samples")]
@@ -349,7 +367,8 @@ def write_frontier_result(cfg: FrontierRunConfig, rows: list[dict[str, Any]], co
                 "tokens", "val_perplexity_web", "val_perplexity_pydocs", "sparsity"], "rows": curve})
     if trained:
         tables.append({"title": "Trained rows: how each was made", "columns": ["row", "activation", "tokens trained",
-                                                                                 "command"], "rows": trained})
+                                                                                 "train tokens/s", "mfu", "command"],
+                       "rows": trained})
     notes = (
         f"Every row is scored on the first {f.tokens:,} tokens of the WEB and Python-docs validation splits, windows "
         f"of {f.context}. Sparsity is measured on {f.sparsity_windows} of those windows per corpus: the share of FFN "
@@ -361,7 +380,9 @@ def write_frontier_result(cfg: FrontierRunConfig, rows: list[dict[str, Any]], co
         f"{LOSS_WINDOWS} calibration windows per corpus) grows least; teal_greedy_output does the same on each "
         "layer's FFN-output squared error; teal uses the same target in every layer. A trained "
         "row is its run's latest checkpoint when the frontier ran (`tokens trained`); its training curve is the "
-        "run's own validation (rows of its sequence length), for the slope."
+        "run's own validation (rows of its sequence length), for the slope. Train tokens/s: the median over the run's "
+        "logged steps (lower when other jobs shared the 2 cores); mfu: those tokens/s times the model FLOPs per token "
+        "(6 N, plus 2 N for a distillation teacher's forward) over the f32 matmul peak the run measured at its start."
     )
     return write_result(cfg.record_as, metrics, command=command, notes=notes, tables=tables,
                         title=f"Perplexity-sparsity frontier of {rows[0].get('model', cfg.model.preset)}",

@@ -228,6 +228,9 @@ def run(cfg: TrainRunConfig, run_dir: str | Path) -> dict[str, Any]:
     # Model FLOPs per trained token: 6 N for the student's forward and backward, 2 N for the teacher's forward.
     flops_per_token = 6 * n_params + (2 * count_params(original) if teacher is not None else 0)
     matmul_peak = measure_matmul_flops()  # this machine's f32 matmul peak now, for the MFU
+    # kept in the history too, so an unfinished run's MFU can be read (frontier rows of a running training)
+    history.append({"kind": "throughput", "step": start, "tokens": start * t.tokens_per_step, "devices": mesh.size,
+                    "flops_per_token": flops_per_token, "matmul_peak_gflops": matmul_peak / 1e9})
 
     def evaluate_now(step: int) -> EvalResult:
         current = model_from_state(graphdef, state.params, rest)

@@ -83,3 +83,9 @@ def test_trained_run_is_a_row_with_its_exact_zeros_and_command(text_file, tmp_pa
     record = json.loads((tmp_path / "results" / "frontier_tiny.json").read_text())
     curve = next(t for t in record["tables"] if t["title"] == "Training curve of drelu")
     assert [r[0] for r in curve["rows"]] == [0, train_summary["tokens"]]  # the run's evaluations at steps 0 and 2
+    # the run's throughput: a finished run's summary and the frontier row read the same steps and peak
+    assert row["tokens_per_s"] == pytest.approx(train_summary["tokens_per_s"])
+    assert row["flops_per_token"] == train_summary["flops_per_token"]
+    assert row["mfu"] == pytest.approx(row["tokens_per_s"] * row["flops_per_token"] / (row["matmul_peak_gflops"] * 1e9))
+    made = next(t for t in record["tables"] if t["title"] == "Trained rows: how each was made")
+    assert made["rows"][0][3] == pytest.approx(row["tokens_per_s"]) and made["rows"][0][4] == pytest.approx(row["mfu"])

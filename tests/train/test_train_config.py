@@ -153,3 +153,18 @@ def test_fatrelu_presets_run(preset, extra, tmp_path):
     if preset == "relufy_lr_sweep":
         assert summary["recipe"] == {"kl_weight": 0.0, "ce_weight": 1.0, "ffn_weight": 0.0, "trainable": "all",
                                      "swap_stages": 1, "lr": 1e-4}
+
+
+@pytest.mark.parametrize(("family", "activation", "recipe", "target"), [
+    ("drelu_ce", "drelu", {"kl_weight": 0.0, "ffn_weight": 0.0, "lr": 3e-4, "swap_stages": 1}, None),
+    ("reglu_l1_ce", "reglu", {"kl_weight": 0.0, "ffn_weight": 0.0, "lr": 3e-4, "swap_stages": 1}, None),
+    ("drelu_kd_ffn", "drelu", {"kl_weight": 1.0, "ffn_weight": 1.0, "lr": 1e-3, "swap_stages": 1}, None),
+    ("fatrelu_kd_ffn_staged", "reglu", {"kl_weight": 1.0, "ffn_weight": 1.0, "lr": 1e-3, "swap_stages": 3}, 0.85),
+])
+def test_family_sweep_choices_override_the_preset(family, activation, recipe, target):
+    # the family group comes after the preset in train.yaml: its choices win over the preset's FATReLU settings
+    cfg = compose_train(["experiment=relufy_family_sweep", f"relufy_family={family}"])
+    got = {"kl_weight": cfg.distill.kl_weight, "ffn_weight": cfg.distill.ffn_weight, "lr": cfg.optim.lr,
+           "swap_stages": cfg.swap.stages}
+    assert cfg.model.activation.value == activation and got == recipe and cfg.swap.target_sparsity == target
+    assert cfg.train.steps == 24 and cfg.l1.coefficient == (0.01 if family == "reglu_l1_ce" else 0.0)
