@@ -111,9 +111,10 @@ def test_int4_sparse_engine_comparison_on_a_tiny_model(tmp_path, text_file):
     assert result["metrics"]["predictor_kind"] == "int4"
 
 
-def test_int4_preset_composes_and_runs_a_tiny_step(tmp_path, text_file):
+@pytest.mark.parametrize("preset", ["bench_sparse_int4_smollm2_drelu", "bench_sparse_int4_smollm2_fatrelu"])
+def test_int4_preset_composes_and_runs_a_tiny_step(preset, tmp_path, text_file):
     register()
-    overrides = ["experiment=bench_sparse_int4_smollm2_drelu", "model.source=random", "model.preset=tiny",
+    overrides = [f"experiment={preset}", "model.source=random", "model.preset=tiny",
                  "model.path=null", "model.activation=drelu", "data=textfile", f"data.path={text_file}",
                  "data.split=all", f"data.cache_dir={tmp_path / 'cache'}", "llama_cpp=false", "new_tokens=4",
                  "repeats=1", "bandwidth_bytes=4194304", "calibration_tokens=1024", "perplexity_tokens=300",
@@ -121,10 +122,10 @@ def test_int4_preset_composes_and_runs_a_tiny_step(tmp_path, text_file):
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = to_config(compose("bench_decode", overrides=overrides))
     assert cfg.predictor_kind == "int4" and cfg.int4_recall == 0.99
-    assert cfg.record_as == "bench_sparse_int4_smollm2_drelu"
+    assert cfg.record_as == preset
     summary = run(cfg, tmp_path / "run")
     assert summary["predictor_kind"] == "int4" and summary["tokens_per_s_sparse"] > 0
-    assert (tmp_path / "results" / "bench_sparse_int4_smollm2_drelu.json").exists()
+    assert (tmp_path / "results" / f"{preset}.json").exists()
 
 
 def test_int4_with_a_predictor_folder_is_refused():

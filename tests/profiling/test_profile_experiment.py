@@ -81,6 +81,9 @@ def test_card_preset_composes():
     cfg = compose_config("profile", ["+experiment=profile_card"])
     assert cfg.profile.tokens == 524288 and cfg.profile.compare_corpus.value == "pydocs"
     assert cfg.firing.rule.value == "magnitude" and cfg.data.split.value == "train"
+    cfg = compose_config("profile", ["+experiment=profile_smollm2_fatrelu"])
+    assert cfg.model.path == "runs/train/relufy_smollm2_fatrelu" and cfg.firing.rule.value == "nonzero"
+    assert cfg.profile.compare_corpus.value == "pydocs" and cfg.record_as == "profile_smollm2_fatrelu"
 
 
 def test_teal_task_on_tiny_model(text_file, tmp_path):
