@@ -28,7 +28,8 @@ def compose_predictor(overrides: list[str]):
 
 
 @pytest.mark.real_corpus
-@pytest.mark.parametrize("preset", ["predictors_smollm2_drelu", "predictors_smollm2_fatrelu", "predictors_scratch_drelu"])
+@pytest.mark.parametrize("preset", [
+    "predictors_smollm2_drelu", "predictors_smollm2_fatrelu", "predictors_scratch_drelu"])
 def test_checkpoint_presets_run_on_a_trained_tiny_model(preset, text_file, tmp_path):
     trained = tmp_path / "trained"
     train(dataclasses.replace(tiny_run_config(text_file, tmp_path, steps=2)), trained)
