@@ -44,6 +44,24 @@ def test_frontier_figure_has_a_line_per_rule_and_a_star_per_trained_model(tmp_pa
     assert matplotlib.image.imread(paths[0]).shape[1] > 1000
 
 
+def test_training_curves_get_their_own_panel(tmp_path, figures_frontier):
+    rows = [_row("dense", 0.0, 0.0, 0.0), _row("kd", math.nan, 0.85, 80.0), _row("kd", math.nan, 0.86, 40.0)]
+    path = write_frontier(tmp_path, rows)
+    result = load_result(path)
+    result["tables"].append({"title": "Training curve of kd", "columns": ["tokens", "val_perplexity_web",
+                             "val_perplexity_pydocs", "sparsity"],
+                             "rows": [["original", 14.0, 9.0, 0.0], [0, 160.0, 120.0, 0.3], [2048, 40.0, 30.0, 0.86]]})
+    fig = figures_frontier.frontier_figure(result)
+    assert len(fig.axes) == 3
+    stars = [line for line in fig.axes[0].get_lines() if line.get_label() == "kd (trained)"]
+    assert len(stars) == 1 and list(stars[0].get_xdata()) == [85.0, 86.0]  # both checkpoints, one line
+    curve = fig.axes[2]
+    web = next(line for line in curve.get_lines() if line.get_label() == "kd: web")
+    assert list(web.get_xdata()) == [1, 2048] and list(web.get_ydata()) == [160.0, 40.0]
+    assert sorted(line.get_ydata()[0] for line in curve.get_lines() if line.get_label().startswith("_")) == \
+        pytest.approx([9.9, 15.4])  # +10% of the original on each corpus
+
+
 def test_frontier_figure_names_missing_columns(tmp_path, figures_frontier):
     result = load_result(write_frontier(tmp_path, [_row("dense", 0.0, 0.0, 0.0)]))
     result["tables"][0]["columns"][2] = "zeros_web"

@@ -194,6 +194,11 @@ class PointStore:
     def put(self, key: str, value: dict[str, Any]) -> None:
         atomic_write_json(self.folder / f"{key}.json", to_jsonable(value))
 
+    def trained(self, label: str) -> list[dict[str, Any]]:
+        """Every stored row of trained run `label` (one per checkpoint it was scored at), fewest tokens first."""
+        points = [json.loads(p.read_text()) for p in self.folder.glob(f"trained_{label}_*.json")]
+        return sorted((p for p in points if p["method"] == label), key=lambda p: p["trained_tokens"])
+
 
 def _calibration_rows(model: Transformer, tokenizer, cfg: FrontierRunConfig) -> np.ndarray:
     rows = []
@@ -321,9 +326,11 @@ def run(cfg: FrontierRunConfig, run_dir: str | Path) -> dict[str, Any]:
             rows.append(point)
             bar.update(1)
         for label, path in f.trained.items():
-            point = store.get(f"trained_{label}") or _trained_row(label, path, tokens, f)
-            store.put(f"trained_{label}", point)
-            rows.append(point)
+            # one row per checkpoint: a run scored again after more training adds a row (its earlier ones stay)
+            key = f"trained_{label}_{checkpoint_tokens(path)}"
+            if store.get(key) is None:
+                store.put(key, _trained_row(label, path, tokens, f))
+            rows.extend(store.trained(label))
             bar.update(1)
         bar.close()
     dense = rows[0]
@@ -341,6 +348,10 @@ COLUMNS = ("method", "target", "sparsity_web", "sparsity_pydocs", "perplexity_we
            "increase_percent_web", "increase_percent_pydocs")
 
 
+def _row_name(row: dict[str, Any]) -> str:
+    return f"{row['method']} ({row['trained_tokens']:,} tokens)" if row.get("trained_tokens") else row["method"]
+
+
 def write_frontier_result(cfg: FrontierRunConfig, rows: list[dict[str, Any]], command: str) -> Path:
     f = cfg.frontier
     table = [[row.get(c, math.nan) for c in COLUMNS] for row in rows]
@@ -348,17 +359,18 @@ def write_frontier_result(cfg: FrontierRunConfig, rows: list[dict[str, Any]], co
                                "dense_perplexity_web": rows[0]["perplexity_web"],
                                "dense_perplexity_pydocs": rows[0]["perplexity_pydocs"]}
     for row in rows[1:]:
-        label = row["method"] if math.isnan(row["target"]) else f"{row['method']}_{round(100 * row['target'])}"
+        label = (f"{row['method']}_{row['trained_tokens']}" if math.isnan(row["target"])
+                 else f"{row['method']}_{round(100 * row['target'])}")
         metrics[f"{label}_increase_web"] = row["increase_percent_web"]
         metrics[f"{label}_increase_pydocs"] = row["increase_percent_pydocs"]
-    trained = [[row["method"], row.get("activation"), row.get("trained_tokens"), row.get("tokens_per_s", math.nan),
+    trained = [[_row_name(row), row.get("activation"), row.get("trained_tokens"), row.get("tokens_per_s", math.nan),
                 row.get("mfu", math.nan), row["command"]] for row in rows if math.isnan(row["target"])]
     tables = [{"title": "Perplexity against FFN sparsity (same tokens and context for every row)",
                "columns": list(COLUMNS), "rows": table}]
     sampled = [row for row in rows if row.get("samples")]
     if sampled:
         tables.append({"title": "Greedy samples", "columns": ["row", "prompt", "continuation"],
-                       "rows": [[row["method"], prompt, sample] for row in sampled
+                       "rows": [[_row_name(row), prompt, sample] for row in sampled
                                 for prompt, sample in zip(f.prompts, row["samples"], strict=False)]})
     curves = {row["method"]: training_curve(row["run_dir"]) for row in rows if row.get("run_dir")}
     for label, curve in curves.items():

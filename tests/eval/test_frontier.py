@@ -68,24 +68,36 @@ def test_bad_method_and_missing_run_are_named(tmp_path):
 
 
 def test_trained_run_is_a_row_with_its_exact_zeros_and_command(text_file, tmp_path):
+    from sparse_lm.train.run import TrainingDivergedError
     from sparse_lm.train.run import run as train
     from tests.train.conftest import tiny_run_config
 
-    train_summary = train(tiny_run_config(text_file, tmp_path, steps=2, eval_every=2), tmp_path / "train")
-    summary = run(_config(tmp_path, methods=("teal",), targets=(0.5,), trained={"drelu": str(tmp_path / "train")}),
-                  tmp_path / "run")
-    row = summary["rows"][-1]
-    assert row["method"] == "drelu" and math.isnan(row["target"]) and row["activation"] == "drelu"
-    assert row["trained_tokens"] == train_summary["tokens"] and row["command"] == train_summary["command"]
+    # a run stopped after its step-2 checkpoint (the NaN guard at step index 2), scored, then resumed to the end
+    with pytest.raises(TrainingDivergedError):
+        train(tiny_run_config(text_file, tmp_path, steps=4, eval_every=2, nan_at_step=2), tmp_path / "train")
+    config = _config(tmp_path, methods=("teal",), targets=(0.5,), trained={"drelu": str(tmp_path / "train")})
+    early = run(config, tmp_path / "run")["rows"][-1]
+    assert early["method"] == "drelu" and math.isnan(early["target"]) and early["activation"] == "drelu"
+    assert early["trained_tokens"] == 2 * 4 * 32  # 2 steps of 4 x 32 tokens
+    train_summary = train(tiny_run_config(text_file, tmp_path, steps=4, eval_every=2), tmp_path / "train")
+    summary = run(config, tmp_path / "run")
+    rows = [r for r in summary["rows"] if r["method"] == "drelu"]
+    # scoring the run again after more training adds a row at its new checkpoint and keeps the earlier one
+    assert [r["trained_tokens"] for r in rows] == [2 * 4 * 32, train_summary["tokens"]]
+    assert rows[0]["perplexity_web"] == early["perplexity_web"] != rows[1]["perplexity_web"]
+    row = rows[1]
+    assert row["command"] == train_summary["command"]
     # dReLU zeroes about three quarters of a random model's hidden values (both gate and up must be positive)
     assert 0.6 < row["sparsity_web"] < 0.9
     assert len(row["samples"]) == 1
     record = json.loads((tmp_path / "results" / "frontier_tiny.json").read_text())
+    assert {f"drelu_{n}_increase_web" for n in (2 * 4 * 32, train_summary["tokens"])} <= record["metrics"].keys()
     curve = next(t for t in record["tables"] if t["title"] == "Training curve of drelu")
-    assert [r[0] for r in curve["rows"]] == [0, train_summary["tokens"]]  # the run's evaluations at steps 0 and 2
-    # the run's throughput: a finished run's summary and the frontier row read the same steps and peak
+    assert [r[0] for r in curve["rows"]] == [0, 256, train_summary["tokens"]]  # evaluations at steps 0, 2 and 4
+    # the run's throughput: the finished run's summary and the frontier row read the same steps and peak
     assert row["tokens_per_s"] == pytest.approx(train_summary["tokens_per_s"])
     assert row["flops_per_token"] == train_summary["flops_per_token"]
     assert row["mfu"] == pytest.approx(row["tokens_per_s"] * row["flops_per_token"] / (row["matmul_peak_gflops"] * 1e9))
     made = next(t for t in record["tables"] if t["title"] == "Trained rows: how each was made")
-    assert made["rows"][0][3] == pytest.approx(row["tokens_per_s"]) and made["rows"][0][4] == pytest.approx(row["mfu"])
+    assert [r[0] for r in made["rows"]] == ["drelu (256 tokens)", f"drelu ({train_summary['tokens']:,} tokens)"]
+    assert made["rows"][1][3] == pytest.approx(row["tokens_per_s"]) and made["rows"][1][4] == pytest.approx(row["mfu"])
