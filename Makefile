@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_ENV := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_ARENA_MAX=1
 
-.PHONY: setup demo eval test lint bench bench-ffn bench-sparse bench-disk offload results sweep relufy relufy-kd frontier clean
+.PHONY: setup demo eval test lint bench bench-ffn bench-sparse bench-disk offload results sweep relufy relufy-kd relufy-family frontier clean
 
 setup: $(STAMP)
 
@@ -71,9 +71,18 @@ relufy: setup
 relufy-kd: setup
 	$(BENCH_ENV) $(PY) experiments/train.py experiment=relufy_smollm2_fatrelu
 
-# Issue 16: the perplexity-sparsity frontier on both corpora, with the trained runs that exist
+# Issue 16: the ReLU-family recipes at one token budget (4 runs, ~25 min)
+relufy-family: setup
+	$(BENCH_ENV) $(PY) experiments/train.py --multirun experiment=relufy_family_sweep train.progress=false
+
+# Issue 16: the perplexity-sparsity frontier on both corpora, with every trained run that exists (the family sweep's
+# and the long run's latest checkpoints; a rerun after more training adds rows and remeasures nothing else)
+TRAINED_RUNS := $(patsubst %/model_config.json,%,$(wildcard runs/relufy_family_sweep/*/model_config.json \
+	runs/train/relufy_smollm2_fatrelu/model_config.json))
+TRAINED := $(shell echo $(foreach r,$(TRAINED_RUNS),$(notdir $(r)):$(r)) | tr ' ' ',')
 frontier: setup
-	$(BENCH_ENV) $(PY) experiments/frontier.py record_as=frontier_smollm2 hydra.run.dir=runs/frontier/smollm2
+	$(BENCH_ENV) $(PY) experiments/frontier.py record_as=frontier_smollm2 hydra.run.dir=runs/frontier/smollm2 \
+		frontier.progress=false 'frontier.trained={$(TRAINED)}'
 
 results: setup
 	$(PY) -m sparse_lm.results render
