@@ -168,3 +168,13 @@ def test_family_sweep_choices_override_the_preset(family, activation, recipe, ta
            "swap_stages": cfg.swap.stages}
     assert cfg.model.activation.value == activation and got == recipe and cfg.swap.target_sparsity == target
     assert cfg.train.steps == 24 and cfg.l1.coefficient == (0.01 if family == "reglu_l1_ce" else 0.0)
+
+
+def test_family_sweep_runs_each_family_once():
+    # the preset inherits relufy_recipe_sweep's sweeper: its recipe list must not multiply the families
+    register()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train", overrides=["experiment=relufy_family_sweep"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert {k: str(v).split(",") for k, v in params.items()} == {
+        "recipe": ["ce"], "relufy_family": ["drelu_ce", "reglu_l1_ce", "drelu_kd_ffn", "fatrelu_kd_ffn_staged"]}
