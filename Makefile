@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_ENV := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_ARENA_MAX=1
 
-.PHONY: setup demo eval test lint bench bench-ffn bench-sparse bench-disk offload results sweep relufy relufy-kd relufy-family frontier clean
+.PHONY: setup demo eval test lint bench bench-ffn bench-sparse bench-disk offload results sweep relufy relufy-kd relufy-family relufy-downstream frontier clean
 
 setup: $(STAMP)
 
@@ -83,6 +83,21 @@ TRAINED := $(shell echo $(foreach r,$(TRAINED_RUNS),$(notdir $(r)):$(r)) | tr ' 
 frontier: setup
 	$(BENCH_ENV) $(PY) experiments/frontier.py record_as=frontier_smollm2 hydra.run.dir=runs/frontier/smollm2 \
 		frontier.progress=false 'frontier.trained={$(TRAINED)}'
+
+# Issue 16: every downstream result rerun on the distilled ReGLU + FATReLU SmolLM2 (after make relufy-kd): profile
+# with the cross-domain overlap, predictors, int4 sparse decode against the original and llama.cpp, disk tier,
+# placement on the measured profile
+FATRELU := runs/train/relufy_smollm2_fatrelu
+relufy-downstream: setup
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(BENCH_ENV) $(PY) experiments/profile.py +experiment=profile_smollm2_fatrelu profile.progress=false \
+		hydra.run.dir=runs/profile/smollm2_fatrelu
+	$(BENCH_ENV) $(PY) experiments/train_predictor.py experiment=predictors_smollm2_fatrelu progress=false
+	$(BENCH_ENV) $(PY) experiments/bench_decode.py experiment=bench_sparse_int4_smollm2_fatrelu progress=false
+	$(BENCH_ENV) $(PY) experiments/bench_disk_tier.py model.path=$(FATRELU) progress=false \
+		record_as=bench_disk_tier_smollm2_fatrelu
+	$(PY) experiments/place.py model_shape=smollm2_135m precision=fp32 budget=25% \
+		profile=runs/profile/smollm2_fatrelu/counts_total.npz
 
 results: setup
 	$(PY) -m sparse_lm.results render
