@@ -82,7 +82,7 @@ TRAINED_RUNS := $(patsubst %/model_config.json,%,$(wildcard runs/relufy_family_s
 TRAINED := $(shell echo $(foreach r,$(TRAINED_RUNS),$(notdir $(r)):$(r)) | tr ' ' ',')
 frontier: setup
 	$(BENCH_ENV) $(PY) experiments/frontier.py record_as=frontier_smollm2 hydra.run.dir=runs/frontier/smollm2 \
-		frontier.progress=false 'frontier.trained={$(TRAINED)}'
+		frontier.progress=false '++frontier.trained={$(TRAINED)}'
 
 # Issue 16: every downstream result rerun on the distilled ReGLU + FATReLU SmolLM2 (after make relufy-kd): profile
 # with the cross-domain overlap, predictors, int4 sparse decode against the original and llama.cpp, disk tier,

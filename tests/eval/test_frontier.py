@@ -101,3 +101,14 @@ def test_trained_run_is_a_row_with_its_exact_zeros_and_command(text_file, tmp_pa
     made = next(t for t in record["tables"] if t["title"] == "Trained rows: how each was made")
     assert [r[0] for r in made["rows"]] == ["drelu (256 tokens)", f"drelu ({train_summary['tokens']:,} tokens)"]
     assert made["rows"][1][3] == pytest.approx(row["tokens_per_s"]) and made["rows"][1][4] == pytest.approx(row["mfu"])
+
+
+def test_trained_runs_compose_from_the_command_line(tmp_path):
+    # the form the README and `make frontier` use: frontier.trained starts empty, so new keys need ++
+    from tests.profiling.test_profile_experiment import compose_config
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_config.json").write_text("{}")
+    cfg = compose_config("frontier", [f"++frontier.trained={{a:{tmp_path / 'a'},b:{tmp_path / 'b'}}}"])
+    assert cfg.frontier.trained == {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}
