@@ -41,7 +41,7 @@ def frontier_figure(result: dict[str, Any]) -> Figure:
             else:
                 ax.plot(xs, ys, STYLES.get(method, "o-"), ms=4, label=method)
         ax.axhline(10, color="grey", ls=":", lw=1)
-        ax.text(1, 10.5, "+10%", color="grey", fontsize=7)
+        ax.text(0.01, 10.5, "+10%", color="grey", fontsize=7, transform=ax.get_yaxis_transform())
         ax.set_yscale("log")
         ax.set_xlabel("FFN sparsity (%)")
         ax.set_ylabel("perplexity increase over dense (%)")
@@ -58,7 +58,8 @@ def frontier_figure(result: dict[str, Any]) -> Figure:
 
 def training_panel(ax, curves: list[dict[str, Any]]) -> None:
     """Validation perplexity per corpus against tokens trained, one line pair per run, with +10% of the original."""
-    for curve, colour in zip(curves, ("C0", "C1", "C2", "C3"), strict=False):
+    for index, curve in enumerate(curves):
+        colour = f"C{index % 10}"
         label = curve["title"].removeprefix("Training curve of ")
         col = {name: i for i, name in enumerate(curve["columns"])}
         trained = [r for r in curve["rows"] if r[col["tokens"]] != "original"]

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from figure_registry import columns, register, save, series, table
+from figure_registry import columns, register, save, series
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -92,7 +92,7 @@ def scratch_ffn_sweep_figure(result: dict[str, Any]) -> Figure:
     """(a) training loss and (b) training-batch sparsity against tokens per FFN variant; (c) validation
     perplexity against sparsity per variant, dense and with only the top-10% activations kept."""
     train = by_variant(series(result, "train", ("variant", "tokens", "loss", "sparsity")))
-    final = columns(table(result, "FFN variants"))
+    final = columns(next(t for t in result["tables"] if t["columns"][0] == "variant"))  # collect_sweep's table
     variants = list(dict.fromkeys([*final["variant"], *train]))
     colors = {variant: f"C{i % 10}" for i, variant in enumerate(variants)}
     fig = Figure(figsize=(15, 4.8), layout="constrained")
@@ -148,6 +148,9 @@ def scratch_ffn_sweep_figure(result: dict[str, Any]) -> Figure:
     return fig
 
 
+@register("relufy_family_sweep")
+@register("relufy_lr_sweep")
+@register("relufy_recipe_sweep")
 @register("scratch_ffn_sweep")
 def draw_scratch_ffn_sweep(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """Training curves of each FFN variant trained from scratch, and its final perplexity against sparsity."""

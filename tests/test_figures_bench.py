@@ -89,6 +89,7 @@ def test_registry_maps_bench_ffn_results(make_figures, bench):
         "profile_smollm2_topk10": make_figures.draw_profile,
         "teal_smollm2": make_figures.draw_teal,
         "scratch_ffn_sweep": train.draw_scratch_ffn_sweep,
+        "relufy_family_sweep": train.draw_scratch_ffn_sweep,  # every collect_sweep record: the sweep figure
         "relufy_smollm2_drelu": train.draw_relufy,
         "predictors_smollm2_drelu": predictors.draw_predictors,
         "predictor_scaling_smollm2_drelu": study.draw_predictor_scaling,
@@ -99,7 +100,8 @@ def test_registry_maps_bench_ffn_results(make_figures, bench):
     registered = set(sys.modules[make_figures.find_figure.__module__].FIGURES)
     assert registered == {"bench_ffn", "bench_sparse", "decode_benchmark", "profile", "teal", "scratch_ffn_sweep",
                           "relufy", "predictors", "predictor_scaling", "predictor_sweep", "cost_model_validation",
-                          "place_sweep", "bench_disk_tier", "frontier"}
+                          "place_sweep", "bench_disk_tier", "frontier", "relufy_recipe_sweep", "relufy_lr_sweep",
+                          "relufy_family_sweep"}
 
 
 def test_implementations_from_column_names(bench):
