@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -24,12 +25,15 @@ from sparse_lm.models.config import ThresholdTarget
 from sparse_lm.models.ffn import CapturePoint
 from sparse_lm.models.loading import build_model
 from sparse_lm.models.transformer import count_params
+from sparse_lm.results import current_command, write_result
 from sparse_lm.roofline.calibrate import measure_matmul_flops
+from sparse_lm.tracking.base import to_jsonable
 from sparse_lm.train.config import Trainable, TrainRunConfig
 from sparse_lm.train.optim import make_optimizer
 from sparse_lm.train.run import build_tokenizer_and_model, original_model, token_rows
 from sparse_lm.train.step import Teacher, forward_captured, init_state, make_train_step, split_model
 from sparse_lm.train.swap import calibrate_gate_thresholds
+from sparse_lm.utils.io import atomic_write_json
 
 PARTS = ("step", "teacher_forward", "student_forward", "student_grad")
 
@@ -124,15 +128,9 @@ def profile_train_step(cfg: TrainRunConfig, repeats: int = 5, calibration_tokens
     }
 
 
-def run(cfg: TrainRunConfig, run_dir: str) -> dict[str, Any]:
+def run(cfg: TrainRunConfig, run_dir: str | Path) -> dict[str, Any]:
     """Profiles `cfg`'s step, writes summary.json and config.json in `run_dir` and the record
     `train_step_<cfg.name>` (never the training run's own record)."""
-    from pathlib import Path
-
-    from sparse_lm.results import current_command, write_result
-    from sparse_lm.tracking.base import to_jsonable
-    from sparse_lm.utils.io import atomic_write_json
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", to_jsonable(cfg))
