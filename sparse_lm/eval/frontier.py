@@ -222,13 +222,16 @@ def checkpoint_tokens(run_dir: str | Path) -> int | None:
         checkpointer.close()
 
 
+def _history(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of a training run's history.jsonl ([] without one)."""
+    path = Path(run_dir) / "history.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def training_curve(run_dir: str | Path) -> list[list[float]]:
     """[tokens, val perplexity web, pydocs, sparsity] of every evaluation in a run's history (the training
     evaluation's rows, not the frontier's tokens)."""
-    path = Path(run_dir) / "history.jsonl"
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = _history(run_dir)
     return [[r["tokens"] if r["kind"] == "eval" else "original", r.get("val_perplexity_web", math.nan),
              r.get("val_perplexity_pydocs", math.nan), r["sparsity"]]
             for r in records if r["kind"] in ("eval", "baseline")]
@@ -237,8 +240,7 @@ def training_curve(run_dir: str | Path) -> list[list[float]]:
 def training_throughput(run_dir: str | Path) -> dict[str, float]:
     """Median tokens/s of a run's training steps and the model FLOP utilisation against the f32 matmul peak the run
     measured when it started (or resumed): {} before its first logged step."""
-    path = Path(run_dir) / "history.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = _history(run_dir)
     steps = [r["tokens_per_s"] for r in records if r["kind"] == "train"]
     peaks = [r for r in records if r["kind"] == "throughput"]
     if not steps:
